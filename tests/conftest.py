@@ -1,0 +1,100 @@
+"""Shared fixtures: the anyio backend, the accelerator probe, short temp dirs, leak checks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from fleetd.accel import AccelDecision, probe
+from fleetd.spec import bundled_kernel
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+_decision: AccelDecision | None = None
+
+
+def accel_decision() -> AccelDecision:
+    """The accelerator probe, run once per test session."""
+    global _decision
+    if _decision is None:
+        _decision = anyio.run(probe)
+    return _decision
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    d = accel_decision()
+    return [f"fleetd accel probe: {d.accel} ({d.reason}); kvm module: {d.kvm_module}",
+            f"bundled guest: {bundled_kernel()} "
+            f"({'present' if bundled_kernel().exists() else 'MISSING: make -C guest'})"]
+
+
+@pytest.fixture(params=["tcg", "kvm"])
+def accel(request: pytest.FixtureRequest) -> str:
+    """Each integration test runs under TCG, and under KVM when the probe says it is usable."""
+    if request.param == "kvm" and not accel_decision().kvm_usable:
+        pytest.skip(f"KVM not usable here: {accel_decision().reason}")
+    return request.param
+
+
+@pytest.fixture
+def guest_kernel() -> Path:
+    """The bundled guest image; a missing image is an error, not a skip (CI builds it)."""
+    k = bundled_kernel()
+    assert k.is_file(), f"bundled guest missing: {k} (run: make -C guest)"
+    return k
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temp dir with a short path, for AF_UNIX sockets (107-byte limit)."""
+    d = Path(tempfile.mkdtemp(prefix="ft", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def qemu_pids() -> set[int]:
+    """PIDs of every qemu-system process on the host."""
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().startswith("qemu-system"):
+                        out.add(int(entry))
+            except OSError:
+                pass
+    return out
+
+
+@pytest.fixture
+def no_leaked_qemu() -> Iterator[None]:
+    """Fail the test if it leaves a QEMU process behind."""
+    before = qemu_pids()
+    yield
+    leaked = set()
+    for _ in range(50):
+        leaked = qemu_pids() - before
+        if not leaked:
+            break
+        import time
+        time.sleep(0.1)
+    for pid in leaked:
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
+    assert not leaked, f"QEMU processes leaked: {sorted(leaked)}"
