@@ -150,3 +150,22 @@ class StateStoreError(FleetError):
     """Persisted state could not be read or written."""
 
     code = "state_store"
+
+
+def single_error(group: BaseExceptionGroup) -> BaseException | None:
+    """The one real exception inside a task group's exception group, if there is exactly one.
+
+    Task groups wrap what their body raises; callers that promise a plain
+    :class:`FleetError` unwrap with this (cancellation is never unwrapped).
+    """
+    leaves: list[BaseException] = []
+
+    def walk(g: BaseExceptionGroup) -> None:
+        for e in g.exceptions:
+            if isinstance(e, BaseExceptionGroup):
+                walk(e)
+            else:
+                leaves.append(e)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 and isinstance(leaves[0], Exception) else None

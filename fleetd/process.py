@@ -103,7 +103,7 @@ class QemuProcess:
         Raises:
             QemuStartError: when the program cannot be executed.
         """
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND  # no O_CLOEXEC: these become fds 1 and 2
         actions = [
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
             (os.POSIX_SPAWN_OPEN, 1, str(stdout), flags, 0o640),

@@ -33,7 +33,7 @@ from anyio.abc import TaskStatus
 from fleetd import pinning
 from fleetd.argv import Launch, build_argv
 from fleetd.console import Console
-from fleetd.errors import FleetError, QemuStartError, QmpError, StateError, VmError
+from fleetd.errors import FleetError, QemuStartError, QmpError, StateError, VmError, single_error
 from fleetd.log import get_logger
 from fleetd.process import ExitStatus, QemuProcess, find_qemu
 from fleetd.qmp import EventQueue, QmpConnection, QmpEvent
@@ -204,6 +204,11 @@ class Vm:
             self._to(new, reason)
 
     @property
+    def done(self) -> anyio.Event:
+        """Set once QEMU has ended (or never started) and :attr:`exit_info` is known."""
+        return self._done
+
+    @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
@@ -227,11 +232,17 @@ class Vm:
         self._to(VmState.STARTING, "start", operation="start")
         try:
             with anyio.CancelScope() as self._run_scope:
-                async with anyio.create_task_group() as tg:
-                    await self._start(tg)
-                    task_status.started(self)
-                    await self._done.wait()
-                    tg.cancel_scope.cancel()
+                try:
+                    async with anyio.create_task_group() as tg:
+                        await self._start(tg)
+                        task_status.started(self)
+                        await self._done.wait()
+                        tg.cancel_scope.cancel()
+                except BaseExceptionGroup as group:
+                    err = single_error(group)
+                    if err is None:
+                        raise
+                    raise err from None
         except FleetError as err:
             if self._stop_requested is None:
                 self._start_error = err
@@ -375,6 +386,8 @@ class Vm:
         """Shielded by the caller: kill (unless detaching), reap, close, remove sockets."""
         proc = self.proc
         if proc is not None and not self._detach and proc.alive:
+            if self._stop_requested is None:
+                self._stop_requested = "cancelled"
             await self._escalate(grace=0.0, quit_timeout=1.0)
         if self.qmp is not None:
             await self.qmp.close()
@@ -392,7 +405,9 @@ class Vm:
             p.unlink(missing_ok=True)
         if self.exit_info is None:
             status = proc.status if proc else None
-            if self._stop_requested:
+            if status is not None and self.state != VmState.STARTING:
+                self.exit_info = self._classify(status)
+            elif self._stop_requested:
                 self.exit_info = ExitInfo(VmState.STOPPED, self._stop_requested, status)
             elif self._start_error is not None:
                 self.exit_info = ExitInfo(VmState.CRASHED, "start-failed", status,
@@ -468,9 +483,6 @@ class Vm:
             else:
                 g = self.spec.effective_powerdown_timeout if grace is None else grace
                 await self._escalate(grace=g)
-            if self._run_scope is not None and self.state == VmState.STOPPING:
-                # start was still in progress: end it now, teardown reaps.
-                self._run_scope.cancel()
             await self._done.wait()
             assert self.exit_info is not None
             return self.exit_info

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +32,10 @@ def accel_decision() -> AccelDecision:
     if _decision is None:
         _decision = anyio.run(probe)
     return _decision
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    accel_decision()  # probe once, outside any event loop
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -66,31 +71,35 @@ def short_tmp() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def qemu_pids() -> set[int]:
-    """PIDs of every qemu-system process on the host."""
+def qemu_pids(marker: str | None = None) -> set[int]:
+    """PIDs of qemu-system processes (only those whose argv contains ``marker``, if given)."""
     out = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/comm") as f:
-                    if f.read().startswith("qemu-system"):
-                        out.add(int(entry))
+                    if not f.read().startswith("qemu-system"):
+                        continue
+                if marker is not None:
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        if marker.encode() not in f.read():
+                            continue
+                out.add(int(entry))
             except OSError:
                 pass
     return out
 
 
 @pytest.fixture
-def no_leaked_qemu() -> Iterator[None]:
-    """Fail the test if it leaves a QEMU process behind."""
-    before = qemu_pids()
+def no_leaked_qemu(short_tmp: Path) -> Iterator[None]:
+    """Fail the test if a QEMU it started (its argv names the test's short_tmp) outlives it."""
+    marker = str(short_tmp) + "/"
     yield
-    leaked = set()
+    leaked: set[int] = set()
     for _ in range(50):
-        leaked = qemu_pids() - before
+        leaked = qemu_pids(marker)
         if not leaked:
             break
-        import time
         time.sleep(0.1)
     for pid in leaked:
         try:

@@ -66,7 +66,6 @@ async def test_vcpus_pinned_before_first_instruction(make_vm: MakeVm) -> None:
         assert vm.timeline.pinned is not None and vm.timeline.running is not None
         assert vm.timeline.pinned < vm.timeline.running
         await rec.wait_heartbeats(1)
-        assert not rec.lines or rec.lines[0].startswith("FLEET BOOT") or True
         first_line_at = min(t for t, _ in rec.guest)
         assert vm.timeline.pinned < first_line_at
         await vm.stop()
@@ -218,11 +217,10 @@ async def test_guest_reset_yields_reset_event(make_vm: MakeVm) -> None:
 
 
 async def test_bad_spec_fails_before_any_process(make_vm: MakeVm, tmp_path) -> None:
-    before = qemu_pids()
     vm, _ = make_vm(kernel=str(tmp_path / "missing.elf"))
     with pytest.raises(SpecError, match="kernel: file not found"):
         await vm.run()
-    assert vm.pid is None and qemu_pids() == before
+    assert vm.pid is None and not qemu_pids(str(vm.paths.run_dir))
     assert vm.state == VmState.CRASHED and vm.exit_info.reason == "start-failed"
 
 
