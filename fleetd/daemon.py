@@ -33,16 +33,6 @@ from fleetd.supervisor import Replica, ReplicaState, Runtime, Want
 from fleetd.topology import Topology, cgroup_cpuset, daemon_affinity, format_cpulist, parse_cpulist
 
 
-def _gid(group: str | None) -> int | None:
-    if group is None:
-        return None
-    import grp
-    try:
-        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-    except KeyError as err:
-        raise SpecError(f"group {group!r} does not exist", field="group") from err
-
-
 class Daemon:
     """One fleetd instance; see the module docstring."""
 
@@ -94,8 +84,8 @@ class Daemon:
         self.rt = Runtime(cfg.run_root, cfg.state_dir, self.decision, self.bus,
                           placer=self.placer, qemu=cfg.qemu, changed=self._changed,
                           start_timeout=cfg.start_timeout)
-        access = AccessPolicy(daemon_uid=os.geteuid(), control_gid=_gid(cfg.control_group),
-                              readonly_gid=_gid(cfg.readonly_group))
+        access = AccessPolicy.resolve(control_group=cfg.control_group,
+                                      readonly_group=cfg.readonly_group)
         self.server = ControlServer(self, cfg.socket, access=access, socket_group=cfg.socket_group,
                                     listen_fd=self.listen_fd)
         try:
@@ -111,6 +101,7 @@ class Daemon:
                 task_status.started(self)
                 await self._shutdown.wait()
                 await self._wind_down()
+                await anyio.sleep(0.1)  # let in-flight replies (daemon_stop's own) reach clients
                 tg.cancel_scope.cancel()
         finally:
             self._tg = None

@@ -244,8 +244,14 @@ class Replica:
                     self.want = Want.STOPPED
                     self._set_state(ReplicaState.FAILED, f"placement: {err}")
                     continue
-                outcome = await self._life()
-                self._after(outcome)
+                try:
+                    outcome = await self._life()
+                    self._after(outcome)
+                except Exception as err:  # noqa: BLE001 - a bug must not take the daemon down
+                    self.log.exception("replica.internal_error", error=repr(err))
+                    self.want = Want.STOPPED
+                    self._set_state(ReplicaState.FAILED, f"internal error: {err!r}")
+                    continue
                 if self.want == Want.RUNNING and self.state == ReplicaState.BACKOFF:
                     await self._backoff()
         finally:

@@ -230,12 +230,14 @@ class Vm:
                 start fails; QEMU is then killed and reaped before this returns.
         """
         self._to(VmState.STARTING, "start", operation="start")
+        started = False
         try:
             with anyio.CancelScope() as self._run_scope:
                 try:
                     async with anyio.create_task_group() as tg:
                         await self._start(tg)
                         task_status.started(self)
+                        started = True
                         await self._done.wait()
                         tg.cancel_scope.cancel()
                 except BaseExceptionGroup as group:
@@ -252,6 +254,10 @@ class Vm:
             with anyio.CancelScope(shield=True):
                 await self._teardown()
         assert self.exit_info is not None
+        if not started:
+            # stopped (or detached) before it ever ran: tg.start() callers need an error
+            raise StateError(f"{self.name}: {self.exit_info.reason} while starting", vm=self.name,
+                             state=self.state.value, operation="start")
         return self.exit_info
 
     def _fail_start(self, err: FleetError) -> None:
@@ -403,6 +409,10 @@ class Vm:
             return
         for p in (self.paths.qmp, self.paths.console, self.paths.gdb, self.paths.pidfile):
             p.unlink(missing_ok=True)
+        try:
+            self.paths.run_dir.rmdir()
+        except OSError:
+            pass  # not empty or already gone
         if self.exit_info is None:
             status = proc.status if proc else None
             if status is not None and self.state != VmState.STARTING:
