@@ -234,6 +234,9 @@ class Replica:
         try:
             while self.want != Want.REMOVED:
                 if self.want == Want.STOPPED:
+                    if self.state not in (ReplicaState.STOPPED, ReplicaState.FAILED,
+                                          ReplicaState.COMPLETED):
+                        self._set_state(ReplicaState.STOPPED, "stopped")
                     self._cmd = anyio.Event()
                     if self.want == Want.STOPPED:
                         await self._cmd.wait()
