@@ -75,9 +75,10 @@ class Console:
 
     async def run(self) -> None:
         """Read until EOF, feeding lines, tail and subscribers. Returns when QEMU closes it."""
-        assert self._stream is not None, "connect() first"
+        if self._stream is None:      # closed before this reader got to run
+            return
         try:
-            while True:
+            while self._stream is not None:
                 try:
                     data = await self._stream.receive(65536)
                 except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError,

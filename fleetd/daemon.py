@@ -23,12 +23,14 @@ from fleetd import __version__, consolelog, postmortem
 from fleetd import protocol as P
 from fleetd.accel import AccelDecision, choose, get_decision, probe
 from fleetd.config import DaemonConfig
-from fleetd.errors import (ConflictError, FleetError, NotFoundError, SpecError, StateError)
+from fleetd.errors import (ConflictError, FleetError, NotFoundError, SpecError, StateError,
+                           StateStoreError)
 from fleetd.events import EventBus
 from fleetd.fleet import Fleet, check_fleet_name
 from fleetd.log import configure, get_logger
 from fleetd.placement import CpuPool, Placer, make_pool
 from fleetd.server import AccessPolicy, ControlServer, Peer, Streaming
+from fleetd.store import Store
 from fleetd.supervisor import Replica, ReplicaState, Runtime, Want
 from fleetd.topology import Topology, cgroup_cpuset, daemon_affinity, format_cpulist, parse_cpulist
 
@@ -53,6 +55,9 @@ class Daemon:
         self._shutdown = anyio.Event()
         self.stop_guests = config.stop_guests_on_exit
         self.ready = anyio.Event()
+        self.store = Store(config.state_dir)
+        self.problems: list[str] = []
+        self.readopt_s: float | None = None
 
     # -- life ------------------------------------------------------------------------------------
 
@@ -64,7 +69,10 @@ class Daemon:
         """
         cfg = self.config
         for d in (cfg.state_dir, cfg.run_root):
-            d.mkdir(parents=True, exist_ok=True, mode=0o750)
+            try:
+                d.mkdir(parents=True, exist_ok=True, mode=0o750)
+            except OSError as err:
+                raise StateStoreError(f"cannot create {d}: {err.strerror}", path=str(d)) from err
         if cfg.accel == "tcg":
             self.decision = await probe(cfg.qemu, allow_kvm=False)
         else:
@@ -91,9 +99,19 @@ class Daemon:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                tg.start_soon(self.store.run)
+                restored = await self._restore()
                 await tg.start(self.server.serve)
                 tg.start_soon(self._watch_signals)
                 tg.start_soon(self._rotate_logs)
+                t0 = time.monotonic()
+                with anyio.move_on_after(self.rt.adopt_timeout + 5):
+                    for r in restored:
+                        await r.adopt_done.wait()
+                self.readopt_s = time.monotonic() - t0
+                if restored:
+                    self.log.info("daemon.readopted", replicas=len(restored),
+                                  seconds=round(self.readopt_s, 3))
                 self.bus.publish("daemon", state="ready", pid=os.getpid(), version=__version__)
                 self.log.info("daemon.ready", socket=str(cfg.socket), pid=os.getpid(),
                               pool=self.pool.description)
@@ -105,6 +123,10 @@ class Daemon:
                 tg.cancel_scope.cancel()
         finally:
             self._tg = None
+            for f in self.fleets.values():
+                self.store.mark(f.name, f.record)
+            if not self.store.flush():
+                self.log.error("daemon.final_state_write_failed", error=self.store.last_error)
         self.log.info("daemon.stopped")
 
     def request_shutdown(self, *, stop_guests: bool | None = None) -> None:
@@ -148,7 +170,52 @@ class Daemon:
                         self.log.warning("daemon.rotate_failed", vm=r.name, error=str(err))
 
     def _changed(self, replica: Replica) -> None:
-        """A replica changed; persistence hooks in here."""
+        """A replica changed: persist its fleet (coalesced)."""
+        fleet = replica.fleet
+        if fleet.name in self.fleets:
+            self.store.mark(fleet.name, fleet.record)
+
+    async def _restore(self) -> list[Replica]:
+        """Recreate fleets from the state dir and start their replicas' supervision.
+
+        Replicas with a recorded QEMU re-adopt it in their own task, each with its own
+        deadline, so one wedged QEMU cannot stall the others or the API.
+        """
+        assert self.rt and self.placer and self._tg
+        from fleetd.policy import FleetPolicy
+        from fleetd.spec import GuestSpec
+        docs, self.problems = self.store.load_all()
+        out: list[Replica] = []
+        for doc in docs:
+            name = doc["name"]
+            try:
+                spec = GuestSpec.model_validate(doc["spec"])
+                policy = FleetPolicy.model_validate(doc["policy"])
+            except ValueError as err:
+                msg = f"state file {self.store.path(name)}: fleet {name!r} not restored: {err}"
+                self.problems.append(msg.splitlines()[0])
+                self.log.error("daemon.restore_failed", fleet=name, error=str(err).splitlines()[0])
+                continue
+            emu = doc.get("emulator_cpus")
+            fleet = Fleet(name, spec, policy, emulator_cpus=frozenset(emu) if emu else None,
+                          created=doc.get("created"))
+            self.fleets[name] = fleet
+            for key, rec in sorted(doc["replicas"].items(), key=lambda kv: int(kv[0])):
+                r = Replica(fleet, int(key), self.rt)
+                r.restore(rec)
+                cpus = rec.get("host_cpus")
+                if cpus and r.want == Want.RUNNING:
+                    try:
+                        r.assignment = self.placer.restore(
+                            r.name, [frozenset(c) for c in cpus], policy.pin)
+                    except (ValueError, FleetError) as err:
+                        self.log.warning("daemon.placement_not_restored", vm=r.name, error=str(err))
+                fleet.replicas[r.index] = r
+                out.append(r)
+            self.bus.publish("fleet", fleet=name, action="restored", replicas=fleet.size)
+        for r in out:
+            await self._tg.start(r.run)
+        return out
 
     # -- lookup ----------------------------------------------------------------------------------
 
@@ -216,7 +283,10 @@ class Daemon:
             topology=self.topology.summary(), socket=str(self.config.socket),
             state_dir=str(self.config.state_dir), fleets=len(self.fleets),
             replicas=sum(by_state.values()), by_state=by_state,
-            uptime_s=round(time.monotonic() - self.started, 3))
+            uptime_s=round(time.monotonic() - self.started, 3), problems=self.problems,
+            store={"writes": self.store.writes, "failures": self.store.failures,
+                   "last_error": self.store.last_error},
+            readopt_s=round(self.readopt_s, 3) if self.readopt_s is not None else None)
 
     def _free_name(self) -> str:
         n = 0
@@ -252,6 +322,7 @@ class Daemon:
                          cpus=spec.cpus, pin=p.policy.pin.value, accel=choice.accel)
         self.log.info("fleet.created", fleet=name, replicas=p.replicas, cpus=spec.cpus,
                       overcommitted=plan.overcommitted)
+        self.store.mark(name, fleet.record)
         for r in fleet.sorted_replicas():
             await self._tg.start(r.run)
         return P.StartResult(fleet=name, replicas=names, notes=notes, plan=plan.to_json())
@@ -319,7 +390,7 @@ class Daemon:
         return res
 
     def _fleet_removed(self, name: str) -> None:
-        """Persistence hook: a fleet is gone."""
+        self.store.remove(name)
 
     async def h_scale(self, p: P.ScaleParams, peer: Peer) -> P.ScaleResult:
         assert self.placer and self.rt and self._tg
@@ -349,6 +420,7 @@ class Daemon:
                 fleet.replicas[i].release()
                 del fleet.replicas[i]
             res.removed = [r.name for r in reps]
+        self.store.mark(fleet.name, fleet.record)
         self.bus.publish("fleet", fleet=fleet.name, action="scaled", replicas=p.replicas,
                          added=res.added, removed=res.removed)
         return res

@@ -38,6 +38,13 @@ class Fleet:
     def sorted_replicas(self) -> list["Replica"]:
         return [self.replicas[i] for i in sorted(self.replicas)]
 
+    def record(self) -> dict[str, object]:
+        """The fleet as persisted by :mod:`fleetd.store`."""
+        return {"name": self.name, "spec": self.spec.model_dump(mode="json"),
+                "policy": self.policy.model_dump(mode="json"), "created": self.created,
+                "emulator_cpus": sorted(self.emulator_cpus) if self.emulator_cpus else None,
+                "replicas": {str(i): r.record() for i, r in sorted(self.replicas.items())}}
+
     def next_indexes(self, n: int) -> list[int]:
         """The ``n`` lowest free replica indexes."""
         out, i = [], 0

@@ -244,6 +244,9 @@ class InfoResult(_Model):
     replicas: int
     by_state: dict[str, int]
     uptime_s: float
+    problems: list[str] = Field(default_factory=list, description="e.g. unreadable state files")
+    store: dict[str, Any] = Field(default_factory=dict, description="state writes, failures")
+    readopt_s: float | None = None
 
 
 class StartResult(_Model):

@@ -34,6 +34,7 @@ from fleetd.health import Failure, Health, HealthMonitor
 from fleetd.log import get_logger
 from fleetd.placement import Assignment, Placer
 from fleetd.qmp import QmpEvent
+from fleetd.process import QemuProcess, proc_cmdline
 from fleetd.vm import Pins, Vm, VmState
 
 if TYPE_CHECKING:
@@ -71,6 +72,7 @@ class Runtime:
     qemu: str = "qemu-system-x86_64"
     changed: Callable[["Replica"], None] = lambda r: None
     start_timeout: float = 15.0
+    adopt_timeout: float = 5.0
 
     def vm_paths(self, name: str) -> VmPaths:
         return VmPaths(self.run_root / "vm" / name, self.state_root / "vms" / name)
@@ -123,6 +125,9 @@ class Replica:
         self._changed = anyio.Event()
         self.lifetimes = 0
         self.detaching = False
+        self.adopt_rec: dict[str, Any] | None = None
+        self.paused_by_us = False
+        self.adopt_done = anyio.Event()
 
     # -- bookkeeping -----------------------------------------------------------------------------
 
@@ -169,6 +174,8 @@ class Replica:
     def health(self) -> str:
         if self.vm is None or self.vm.state.terminal or self.monitor is None:
             return "-"
+        if self.vm.state == VmState.STARTING:
+            return Health.BOOTING.value     # (an adoption's replay may already say healthy)
         return self.monitor.health.value
 
     @property
@@ -213,7 +220,108 @@ class Replica:
     def _choice(self) -> AccelChoice:
         return choose(self.spec, self.rt.decision)
 
-    def _new_vm(self) -> Vm:
+    def _replay(self, monitor: HealthMonitor, offset: int, ready: bool, online: int | None) -> None:
+        """Feed what the guest printed while no daemon watched (from the console log) to health."""
+        from fleetd.consolelog import FileFollower
+        f = FileFollower(self.paths.console_log, from_end=False)
+        try:
+            size = self.paths.console_log.stat().st_size
+        except OSError:
+            size = 0
+        f.pos = offset if offset <= size else 0      # rotated meanwhile: the current file only
+        now = time.monotonic()
+        monitor.running_since = now
+        for line in f.read_lines():
+            monitor.line(line, now)
+        if ready and monitor.ready_at is None:
+            monitor._ready(online or self.spec.cpus, now)
+        self.rt.bus.publish("replayed", vm=self.name, fleet=self.fleet.name,
+                            bytes=max(0, f.pos - offset), heartbeats=monitor.hb_count)
+
+    async def _readopt(self, rec: dict[str, Any]) -> None:
+        """After a daemon restart: re-adopt the recorded QEMU, or account for its death."""
+        pid, st = rec.get("pid"), rec.get("start_time")
+        if not pid or self.want != Want.RUNNING:
+            return
+        proc = QemuProcess.adopt(pid, st) if st else None
+        if proc is not None and not self.argv_matches(proc_cmdline(pid) or []):
+            self.log.warning("replica.pid_reused", pid=pid)  # not ours: neither adopt nor kill
+            proc.close()
+            proc = None
+        if proc is None:
+            self.adopt_done.set()
+            self.lifetimes += 1
+            outcome = Outcome("failure", Failure(
+                "crashed", f"QEMU (pid {pid}) ended while fleetd was not running"))
+            self.last_failure = outcome.failure
+            self.rt.bus.publish("failure", vm=self.name, fleet=self.fleet.name,
+                                cause="crashed", detail=outcome.failure.detail, pid=pid)
+            self._after(outcome)
+            if self.want == Want.RUNNING and self.state == ReplicaState.BACKOFF:
+                await self._backoff()
+            return
+        outcome = await self._life(adopt=proc, replay=(int(rec.get("console_offset") or 0),
+                                                       bool(rec.get("ready")), rec.get("online")))
+        self._after(outcome)
+        if self.want == Want.RUNNING and self.state == ReplicaState.BACKOFF:
+            await self._backoff()
+
+    def argv_matches(self, argv: list[str]) -> bool:
+        """Whether a process's argv is this replica's QEMU (its ``-name`` and QMP socket)."""
+        return (bool(argv) and "qemu-system" in os.path.basename(argv[0])
+                and f"{self.name},debug-threads=on" in argv
+                and any(str(self.paths.qmp) in a for a in argv))
+
+    def record(self) -> dict[str, Any]:
+        """What a restarted daemon needs to re-adopt this replica (see fleetd.store)."""
+        vm = self.vm
+        live = vm is not None and not vm.state.terminal and vm.proc is not None
+        mon = self.monitor
+        return {
+            "index": self.index, "name": self.name, "want": self.want.value,
+            "state": self.state.value, "state_reason": self.state_reason,
+            "restarts": self.restarts, "lifetimes": self.lifetimes,
+            "failures_by_cause": dict(self.failures_by_cause),
+            "last_failure": self.last_failure.to_dict() if self.last_failure else None,
+            "last_bundle": self.last_bundle,
+            "host_cpus": self.host_cpus if self.assignment is not None else None,
+            "debug": self.debug, "gdb_port": self.gdb_port,
+            "pid": vm.proc.pid if live else None,
+            "start_time": vm.proc.start_time if live else None,
+            "qmp": str(self.paths.qmp), "console": str(self.paths.console),
+            "console_log": str(self.paths.console_log),
+            "console_offset": vm.console_start_offset if live else None,
+            "ready": bool(mon and mon.ready_at is not None) if live else False,
+            "online": mon.online if live and mon else None,
+            "paused_by_us": bool(live and mon and mon.paused_at is not None and mon.pause_expected),
+            "saved_at": time.time(),
+        }
+
+    def restore(self, rec: dict[str, Any]) -> None:
+        """Take counters, desired state and the QEMU to re-adopt from a record."""
+        self.want = Want(rec.get("want", "running"))
+        self.restarts = int(rec.get("restarts", 0))
+        self.lifetimes = int(rec.get("lifetimes", 0))
+        self.failures_by_cause = Counter(rec.get("failures_by_cause") or {})
+        lf = rec.get("last_failure")
+        if lf:
+            self.last_failure = Failure(lf.get("cause", "?"), lf.get("detail", ""), lf.get("vcpu"),
+                                        wall=lf.get("time", 0.0))
+        self.last_bundle = rec.get("last_bundle")
+        self.debug = bool(rec.get("debug"))
+        self.gdb_port = rec.get("gdb_port")
+        state = rec.get("state", "pending")
+        if self.want != Want.RUNNING:
+            self.state = ReplicaState(state) if state in ReplicaState.__members__.values() else \
+                ReplicaState.STOPPED
+            if self.state not in (ReplicaState.FAILED, ReplicaState.COMPLETED):
+                self.state = ReplicaState.STOPPED
+            self.state_reason = rec.get("state_reason", "")
+        self.paused_by_us = bool(rec.get("paused_by_us"))
+        if rec.get("pid"):
+            self.adopt_rec = rec
+
+    def _new_vm(self, adopt: QemuProcess | None = None) -> Vm:
         pins = None
         if self.assignment is not None and self.policy.pin != "none":
             pins = Pins(tuple(self.assignment.vcpus), self.fleet.emulator_cpus)
@@ -225,13 +333,22 @@ class Replica:
         launch = Launch(self.name, self.paths, self._choice(), index=self.index,
                         fleet=self.fleet.name, gdb_port=self.gdb_port if self.debug else None,
                         qemu=self.rt.qemu)
-        return Vm(spec, launch, pins, observer=self, start_timeout=self.rt.start_timeout,
-                  halted=self.debug)
+        return Vm(spec, launch, pins, observer=self,
+                  start_timeout=self.rt.adopt_timeout if adopt else self.rt.start_timeout,
+                  halted=self.debug and adopt is None, adopt=adopt)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Supervise until removed. Runs in the daemon's task group."""
         task_status.started()
         try:
+            if self.adopt_rec is not None:
+                rec, self.adopt_rec = self.adopt_rec, None
+                try:
+                    await self._readopt(rec)
+                finally:
+                    self.adopt_done.set()
+            else:
+                self.adopt_done.set()
             while self.want != Want.REMOVED:
                 if self.want == Want.STOPPED:
                     if self.state not in (ReplicaState.STOPPED, ReplicaState.FAILED,
@@ -282,21 +399,30 @@ class Replica:
                 self.rt.placer.release(self.name)
         self.assignment = None
 
-    async def _life(self) -> Outcome:
+    async def _life(self, adopt: QemuProcess | None = None,
+                    replay: tuple[int, bool, int | None] | None = None) -> Outcome:
         self.lifetimes += 1
-        vm = self._new_vm()
+        vm = self._new_vm(adopt)
         monitor = HealthMonitor(self.name, self.spec.cpus, self.policy.health,
                                 on_change=self._health_changed)
         monitor.suspended = self.debug
         self.vm, self.monitor = vm, monitor
-        self._set_state(ReplicaState.STARTING, "restart" if self.lifetimes > 1 else "start")
+        if adopt is not None and replay is not None:
+            self._replay(monitor, *replay)
+        self._set_state(ReplicaState.STARTING, "adopt" if adopt else
+                        "restart" if self.lifetimes > 1 else "start")
         async with anyio.create_task_group() as tg:
             try:
                 await tg.start(vm.run)
             except FleetError as err:
+                self.adopt_done.set()
                 return Outcome("failure", Failure("start-failed", str(err)))
+            self.adopt_done.set()
             if vm.state == VmState.RUNNING:
                 monitor.vm_running()
+            elif vm.state == VmState.PAUSED and adopt is not None:
+                monitor.pause_expected = self.paused_by_us
+                monitor.vm_paused()
             self.rt.bus.publish("started", vm=self.name, fleet=self.fleet.name, pid=vm.pid,
                                 host_cpus=self.host_cpus, restarts=self.restarts)
             self._notify()
@@ -343,6 +469,14 @@ class Replica:
         info = vm.exit_info
         if info is None:
             return Failure("crashed", "QEMU ended without a status")
+        mon = self.monitor
+        if (info.status is not None and not info.status.known and mon is not None
+                and mon.guest_exit_code is not None and info.reason not in ("requested", "killed")):
+            # an adopted QEMU is not our child: its exit status is unknowable, the guest said it
+            code = mon.guest_exit_code
+            if code == self.policy.restart.success_exit_code:
+                return None
+            return Failure("exit-failure", f"guest exited with code {code}")
         if info.reason in ("requested", "killed", "cancelled", "detached"):
             return None
         if info.reason == "guest-exit":
@@ -428,8 +562,8 @@ class Replica:
                 await vm.stop(grace=grace, kill=kill)
             if not remove:
                 await self.wait_until(lambda: self.state in (
-                    ReplicaState.STOPPED, ReplicaState.FAILED, ReplicaState.COMPLETED,
-                    ReplicaState.PENDING), timeout=15)
+                    ReplicaState.STOPPED, ReplicaState.FAILED, ReplicaState.COMPLETED),
+                    timeout=15)
 
     def detach(self) -> None:
         """Leave the guest running for the next daemon to adopt; the caller then cancels run()."""

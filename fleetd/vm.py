@@ -35,7 +35,7 @@ from fleetd.argv import Launch, build_argv
 from fleetd.console import Console
 from fleetd.errors import FleetError, QemuStartError, QmpError, StateError, VmError, single_error
 from fleetd.log import get_logger
-from fleetd.process import ExitStatus, QemuProcess, find_qemu
+from fleetd.process import ExitStatus, QemuProcess, find_qemu, proc_cmdline
 from fleetd.qmp import EventQueue, QmpConnection, QmpEvent
 from fleetd.spec import GuestSpec
 
@@ -60,8 +60,8 @@ class VmState(StrEnum):
 
 _ALLOWED: dict[VmState, frozenset[VmState]] = {
     VmState.CREATED: frozenset({VmState.STARTING, VmState.STOPPED, VmState.CRASHED}),
-    VmState.STARTING: frozenset({VmState.RUNNING, VmState.PAUSED, VmState.STOPPING,
-                                 VmState.STOPPED, VmState.CRASHED}),
+    VmState.STARTING: frozenset({VmState.RUNNING, VmState.PAUSED, VmState.PANICKED,
+                                 VmState.STOPPING, VmState.STOPPED, VmState.CRASHED}),
     VmState.RUNNING: frozenset({VmState.PAUSED, VmState.PANICKED, VmState.STOPPING,
                                 VmState.STOPPED, VmState.CRASHED}),
     VmState.PAUSED: frozenset({VmState.RUNNING, VmState.PANICKED, VmState.STOPPING,
@@ -141,6 +141,13 @@ class Timeline:
         default_factory=lambda: deque(maxlen=512))
 
 
+def _size(path: os.PathLike[str] | str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
 def _tail_file(path: os.PathLike[str] | str, limit: int = 2048) -> str:
     try:
         with open(path, "rb") as f:
@@ -157,7 +164,7 @@ class Vm:
 
     def __init__(self, spec: GuestSpec, launch: Launch, pins: Pins | None = None, *,
                  observer: VmObserver | None = None, start_timeout: float = 15.0,
-                 halted: bool = False) -> None:
+                 halted: bool = False, adopt: QemuProcess | None = None) -> None:
         self.name = launch.name
         self.spec = spec
         self.launch = launch
@@ -166,6 +173,8 @@ class Vm:
         self.observer: VmObserver = observer or NullObserver()
         self.start_timeout = start_timeout
         self.halted = halted
+        self.adopted = adopt
+        self.console_start_offset = 0
         self.state = VmState.CREATED
         self.argv: list[str] = []
         self.proc: QemuProcess | None = None
@@ -267,11 +276,18 @@ class Vm:
         self.log.warning("vm.start_failed", error=str(err))
 
     async def _start(self, tg: anyio.abc.TaskGroup) -> None:
+        if self.adopted is not None:
+            await self._adopt(tg)
+            return
         spec, paths = self.spec, self.paths
         paths.check()
         spec.check_files()
         for d in (paths.run_dir, paths.state_dir):
-            d.mkdir(parents=True, exist_ok=True, mode=0o750)
+            try:
+                d.mkdir(parents=True, exist_ok=True, mode=0o750)
+            except OSError as err:
+                raise QemuStartError(f"{self.name}: cannot create {d}: {err.strerror}",
+                                     vm=self.name) from err
         for stale in (paths.qmp, paths.console, paths.gdb, paths.pidfile):
             stale.unlink(missing_ok=True)
         argv = build_argv(spec, self.launch)
@@ -287,12 +303,42 @@ class Vm:
         await self.console.connect(timeout=self.start_timeout, alive=lambda: self.alive)
         tg.start_soon(self._read_console)
         tg.start_soon(self._pump_events)
+        self.console_start_offset = _size(paths.console_log)
         if self.halted:
             self._to(VmState.PAUSED, "halted for debugging")
         else:
             await self.qmp.execute("cont")
             self.timeline.running = time.monotonic()
             self._to(VmState.RUNNING, "cont")
+
+    async def _adopt(self, tg: anyio.abc.TaskGroup) -> None:
+        """Take over a running QEMU left by a previous daemon: reconnect, re-read, no ``cont``."""
+        proc = self.adopted
+        assert proc is not None
+        self.proc = proc
+        self.argv = proc_cmdline(proc.pid) or []
+        self.timeline.spawned = time.monotonic()
+        tg.start_soon(self._watch_process)
+        await self._connect(self.spec)
+        status = await self.qmp.execute("query-status")
+        cpus = await self.qmp.execute("query-cpus-fast")
+        tids = [int(c["thread-id"]) for c in sorted(cpus, key=lambda c: c["cpu-index"])]
+        asked = list(self.pins.vcpus) if len(self.pins.vcpus) == len(tids) else [None] * len(tids)
+        self.vcpus = pinning.read_vcpus(proc.pid, tids, asked)
+        self.timeline.pinned = time.monotonic()
+        await self.console.connect(timeout=self.start_timeout, alive=lambda: self.alive)
+        tg.start_soon(self._read_console)
+        tg.start_soon(self._pump_events)
+        self.timeline.running = time.monotonic()
+        run_state = status.get("status")
+        self.log.info("vm.adopted", pid=proc.pid, status=run_state)
+        if run_state == "running":
+            self._to(VmState.RUNNING, "adopted")
+        elif run_state in ("guest-panicked", "internal-error"):
+            self._panicked = True
+            self._to(VmState.PANICKED, f"adopted ({run_state})")
+        else:
+            self._to(VmState.PAUSED, f"adopted ({run_state})")
 
     async def _connect(self, spec: GuestSpec) -> None:
         assert self.proc is not None
@@ -302,7 +348,8 @@ class Vm:
         try:
             await self.qmp.connect(timeout=self.start_timeout, alive=lambda: self.alive)
         except FleetError as err:
-            raise QemuStartError(f"{self.name}: QEMU did not start: "
+            what = "could not reconnect to QEMU" if self.adopted else "QEMU did not start"
+            raise QemuStartError(f"{self.name}: {what}: "
                                  f"{_tail_file(self.paths.stderr, 400) or err}",
                                  vm=self.name) from err
         self.timeline.qmp_ready = time.monotonic()

@@ -209,7 +209,7 @@ def test_two_fleets_at_once_and_stop_during_start(daemon: DaemonProc) -> None:
     assert sorted(res.done) == ["beta-0", "beta-1", "beta-2"] and not res.errors
     daemon.wait_healthy("alpha", 3)
     rows = {r.name: r for r in daemon.call("ps").replicas}
-    assert all(rows[f"beta-{i}"].state == "stopped" for i in range(3))
+    assert all(rows[f"beta-{i}"].state == "stopped" for i in range(3)), [(r.name, r.state, r.health_reason) for r in rows.values()]
     assert all(rows[f"alpha-{i}"].state == "running" for i in range(3))
     # the stopped fleet's QEMUs are gone, the running one's are there
     assert len(daemon.guests()) == 3

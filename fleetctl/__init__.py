@@ -1,0 +1,1 @@
+"""fleetctl: the command-line client of fleetd's control API (docs/api.md)."""
