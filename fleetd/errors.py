@@ -146,6 +146,12 @@ class ProtocolError(FleetError):
     code = "protocol_error"
 
 
+class InternalError(FleetError):
+    """A bug in fleetd; the request failed but the daemon keeps serving."""
+
+    code = "internal"
+
+
 class StateStoreError(FleetError):
     """Persisted state could not be read or written."""
 

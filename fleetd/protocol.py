@@ -31,7 +31,7 @@ MAX_LINE = 1024 * 1024
 MAX_REPLICAS = 1024
 
 Name = Annotated[str, Field(min_length=1, max_length=48, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
-RequestId = Union[int, Annotated[str, Field(max_length=128)]]
+RequestId = Union[Annotated[int, Field(strict=True)], Annotated[str, Field(max_length=128, strict=True)]]
 
 
 class _Model(BaseModel):
@@ -177,7 +177,7 @@ _request_adapter: TypeAdapter[Any] = TypeAdapter(Request)
 #: Methods a read-only peer may call.
 READ_ONLY_METHODS = frozenset({"info", "ps", "inspect", "logs", "events", "plan", "failures",
                                "failure_show", "stats"})
-#: Methods that turn the connection into a stream.
+#: Methods that always stream (``logs``/``events`` stream only with ``follow``).
 STREAMING = frozenset({"console"})
 
 
@@ -386,6 +386,14 @@ def greeting_line() -> bytes:
     return encode({"greeting": Greeting().model_dump()})
 
 
+def _safe_loc(part: Any) -> str:
+    """A field path element fit for a one-line message (hostile keys are escaped and cut)."""
+    text = str(part)
+    if text.isidentifier() or text.isdigit():
+        return text[:64]
+    return json.dumps(text[:40])
+
+
 def decode_request(line: bytes) -> Any:
     """Parse one request line into its typed request model.
 
@@ -411,11 +419,14 @@ def decode_request(line: bytes) -> Any:
                             method=method[:60])
     if "params" in raw and raw["params"] is None:
         raw = {k: v for k, v in raw.items() if k != "params"}
+    if "id" in raw and not (isinstance(raw["id"], (int, str)) and not isinstance(raw["id"], bool)):
+        raise ProtocolError(f"{method}: id: must be an integer or a string", reason="invalid_id",
+                            field="id", method=method)
     try:
         return _request_adapter.validate_python(raw)
     except ValidationError as err:
         first = err.errors()[0]
-        loc = ".".join(str(p) for p in first.get("loc", ())[1:])  # drop the union tag
+        loc = ".".join(_safe_loc(p) for p in first.get("loc", ())[1:])  # drop the union tag
         msg = first.get("msg", "invalid").removeprefix("Value error, ")
         if first.get("type") == "extra_forbidden":
             msg = "unknown field"

@@ -62,6 +62,7 @@ from pydantic import BaseModel
 from fleetd.errors import (
     ConflictError,
     FleetError,
+    InternalError,
     PermissionDeniedError,
     ProtocolError,
     SpecError,
@@ -296,9 +297,7 @@ class _LineReader:
 
 
 def _internal_reply(rid: Any, err: BaseException) -> bytes:
-    return encode({"id": rid, "error": {"code": "internal",
-                                        "message": f"internal error: {type(err).__name__}",
-                                        "data": {}}})
+    return error_reply(rid, InternalError(f"internal error: {type(err).__name__}"))
 
 
 def _fleet_error_in(err: Exception) -> FleetError | None:

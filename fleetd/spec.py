@@ -250,10 +250,9 @@ def spec_error_from_validation(err: ValidationError, *, prefix: str = "") -> Spe
     if first.get("type") == "extra_forbidden":
         msg = "unknown field"
     msg = msg.removeprefix("Value error, ")
-    if not loc:  # a model-level check names its field as "field: message"
-        m = re.match(r"^([a-z_][a-z0-9_.]*): (.*)$", msg)
-        if m:
-            field, msg = f"{prefix}{m.group(1)}", m.group(2)
+    m = re.match(r"^([a-z_][a-z0-9_.]*): (.*)$", msg)
+    if m and first.get("type") == "value_error":  # a model-level check names its field
+        field, msg = (f"{field}.{m.group(1)}" if loc else f"{prefix}{m.group(1)}"), m.group(2)
     more = len(err.errors()) - 1
     suffix = f" (and {more} more error{'s' if more > 1 else ''})" if more else ""
     return SpecError(f"{field}: {msg}{suffix}", field=field)
