@@ -942,5 +942,33 @@ def debug(ctx: typer.Context, name: str, as_json: JsonOpt = False) -> None:
 
 
 
+config_app = typer.Typer(help="Check fleet and daemon config files.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("validate")
+@handled
+def config_validate(path: Path = typer.Argument(..., help="A fleet file or a fleetd.toml."),
+                    as_json: JsonOpt = False) -> None:
+    """Validate a config file locally; errors name the file, line and field."""
+    if path.exists() and path.suffix == ".toml" and re.search(r"(?m)^\s*\[daemon\]", path.read_text()):
+        from fleetd.config import load_config
+        cfg = load_config(path)
+        result: dict[str, Any] = {"kind": "daemon", "path": str(path),
+                                  "config": cfg.model_dump(mode="json")}
+    else:
+        req = build_start_request(config=path)
+        spec = parse_spec(req["spec"])
+        try:
+            spec.check_files()
+        except SpecError as err:
+            raise load_fleet_config(path).error(f"spec.{err.field}", _strip_field(err)) from err
+        result = {"kind": "fleet", "path": str(path), "start": req}
+    if as_json:
+        print_json(result)
+    else:
+        out(f"{path}: ok ({result['kind']} config)")
+
+
 if __name__ == "__main__":  # python -m fleetctl.main
     app()

@@ -140,6 +140,9 @@ def build_argv(spec: GuestSpec, launch: Launch) -> list[str]:
         "-action", "panic=pause",
         "-device", f"isa-debug-exit,iobase={DEBUG_EXIT_IOBASE:#x},iosize=0x04",
     ]
+    # who am I, for guests that care (Linux: /sys/class/dmi/id/product_serial)
+    argv += ["-smbios", f"type=1,manufacturer=fleetd,product={_opt(launch.fleet or launch.name)},"
+                        f"serial={_opt(launch.name)}"]
     if spec.rtc:
         argv += ["-rtc", spec.rtc]
     if spec.no_reboot:

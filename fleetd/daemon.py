@@ -30,6 +30,8 @@ from fleetd.fleet import Fleet, check_fleet_name
 from fleetd.log import configure, get_logger
 from fleetd.placement import CpuPool, Placer, make_pool
 from fleetd.server import AccessPolicy, ControlServer, Peer, Streaming
+from fleetd.ports import check_ports
+from fleetd.sdnotify import Notifier, guest_status
 from fleetd.store import Store
 from fleetd.supervisor import Replica, ReplicaState, Runtime, Want
 from fleetd.topology import Topology, cgroup_cpuset, daemon_affinity, format_cpulist, parse_cpulist
@@ -58,6 +60,7 @@ class Daemon:
         self.store = Store(config.state_dir)
         self.problems: list[str] = []
         self.readopt_s: float | None = None
+        self.notifier = Notifier()
 
     # -- life ------------------------------------------------------------------------------------
 
@@ -99,6 +102,7 @@ class Daemon:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                tg.start_soon(self.notifier.run_watchdog)   # petted during a long re-adoption too
                 tg.start_soon(self.store.run)
                 restored = await self._restore()
                 await tg.start(self.server.serve)
@@ -116,13 +120,16 @@ class Daemon:
                 self.log.info("daemon.ready", socket=str(cfg.socket), pid=os.getpid(),
                               pool=self.pool.description)
                 self.ready.set()
+                self.notifier.ready(self.status_text())
                 task_status.started(self)
                 await self._shutdown.wait()
+                self.notifier.stopping()
                 await self._wind_down()
                 await anyio.sleep(0.1)  # let in-flight replies (daemon_stop's own) reach clients
                 tg.cancel_scope.cancel()
         finally:
             self._tg = None
+            self.notifier.close()
             for f in self.fleets.values():
                 self.store.mark(f.name, f.record)
             if not self.store.flush():
@@ -170,10 +177,15 @@ class Daemon:
                         self.log.warning("daemon.rotate_failed", vm=r.name, error=str(err))
 
     def _changed(self, replica: Replica) -> None:
-        """A replica changed: persist its fleet (coalesced)."""
+        """A replica changed: persist its fleet (coalesced); tell systemd the counts."""
+        self.notifier.status(self.status_text())
         fleet = replica.fleet
         if fleet.name in self.fleets:
             self.store.mark(fleet.name, fleet.record)
+
+    def status_text(self) -> str:
+        """One line of guest counts by state, for systemd's STATUS=."""
+        return guest_status(r.state for f in self.fleets.values() for r in f.replicas.values())
 
     async def _restore(self) -> list[Replica]:
         """Recreate fleets from the state dir and start their replicas' supervision.
@@ -306,6 +318,8 @@ class Daemon:
         spec.check_files()
         choice = choose(spec, self.decision)          # AccelError before anything starts
         names = [f"{name}-{i}" for i in range(p.replicas)]
+        self._check_ports(spec, name, range(p.replicas))
+        gdb_ports = self._gdb_ports(p.replicas) if p.debug else []
         plan = self.placer.place([(n, spec.cpus) for n in names], p.policy.pin)
         fleet = Fleet(name, spec, p.policy, emulator_cpus=self.pool.emulator_cpus if self.pool else None)
         self.fleets[name] = fleet
@@ -313,11 +327,15 @@ class Daemon:
             r = Replica(fleet, i, self.rt)
             r.assignment = a
             r.debug = p.debug
+            r.gdb_port = gdb_ports[i] if p.debug else None
             fleet.replicas[i] = r
         notes = list(plan.notes) + list(choice.notes)
         if plan.overcommitted:
             notes.append(plan.summary())
         notes.append(f"accel {choice.accel}, -cpu {choice.cpu_model}")
+        for r in fleet.sorted_replicas():
+            if r.debug:
+                notes.append(f"{r.name}: halted for gdb: {r.gdb_command()}")
         self.bus.publish("fleet", fleet=name, action="created", replicas=p.replicas,
                          cpus=spec.cpus, pin=p.policy.pin.value, accel=choice.accel)
         self.log.info("fleet.created", fleet=name, replicas=p.replicas, cpus=spec.cpus,
@@ -326,6 +344,28 @@ class Daemon:
         for r in fleet.sorted_replicas():
             await self._tg.start(r.run)
         return P.StartResult(fleet=name, replicas=names, notes=notes, plan=plan.to_json())
+
+    def _check_ports(self, spec: Any, fleet: str, indexes: Any) -> None:
+        """Refuse forwards that clash with other fleets or with ports bound on the host."""
+        from fleetd.argv import host_ports
+        if spec.network is None or not spec.network.ports:
+            return
+        taken = {(proto, h): r.name for f in self.fleets.values() for r in f.replicas.values()
+                 for proto, h, _ in host_ports(f.spec, r.index)}
+        check_ports([(f"{fleet}-{i}", proto, h, g) for i in indexes
+                     for proto, h, g in host_ports(spec, i)], taken)
+
+    def _gdb_ports(self, n: int, base: int = 1234) -> list[int]:
+        """``n`` free TCP ports for gdbstubs, from ``base`` up (1234 is gdb's habit)."""
+        from fleetd.ports import host_port_free
+        used = {r.gdb_port for r in self.replicas() if r.gdb_port}
+        out: list[int] = []
+        port = base
+        while len(out) < n and port < 65535:
+            if port not in used and host_port_free(port):
+                out.append(port)
+            port += 1
+        return out
 
     async def h_ps(self, p: P.PsParams, peer: Peer) -> P.PsResult:
         reps = self.resolve(p.targets, p.all, default_all=True)
@@ -400,6 +440,7 @@ class Daemon:
         if p.replicas > cur:
             idx = fleet.next_indexes(p.replicas - cur)
             names = [f"{fleet.name}-{i}" for i in idx]
+            self._check_ports(fleet.spec, fleet.name, idx)
             plan = self.placer.place([(n, fleet.spec.cpus) for n in names], fleet.policy.pin)
             new = []
             for i, a in zip(idx, plan.assignments):
@@ -546,15 +587,21 @@ class Daemon:
         return P.OkResult()
 
     async def h_debug(self, p: P.DebugParams, peer: Peer) -> P.DebugResult:
-        raise StateError("debug mode is not available yet", operation="debug")
+        """Restart a replica halted, with a gdbstub and health timeouts suspended."""
+        r = self.replica(p.name)
+        if not r.debug or r.gdb_port is None:
+            r.gdb_port = self._gdb_ports(1)[0]
+        r.debug = True
+        await r.restart()
+        await r.wait_until(lambda: r.state in (ReplicaState.PAUSED, ReplicaState.FAILED,
+                                               ReplicaState.RUNNING), timeout=30)
+        self.bus.publish("debug", vm=r.name, fleet=r.fleet.name, gdb=r.gdb_target())
+        return P.DebugResult(name=r.name, gdb_target=r.gdb_target() or "",
+                             gdb_command=r.gdb_command(), symbols=r.symbols())
 
 
 def sd_listen_fd() -> int | None:
     """The listening socket passed by systemd (LISTEN_FDS), if any for this process."""
-    if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return None
-    try:
-        n = int(os.environ.get("LISTEN_FDS", "0"))
-    except ValueError:
-        return None
-    return 3 if n >= 1 else None
+    from fleetd.sdnotify import listen_fds
+    fds = listen_fds()
+    return fds[0] if fds else None

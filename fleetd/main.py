@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -49,6 +50,9 @@ def main(
     configure(cfg.log_level, json=cfg.log_json)
     from fleetd.daemon import Daemon, sd_listen_fd
     daemon = Daemon(cfg, listen_fd=sd_listen_fd())
+    from fleetd.sdnotify import SYSTEMD_VARIABLES
+    for key in SYSTEMD_VARIABLES:      # read by now; QEMU (spawned with our env) must not inherit
+        os.environ.pop(key, None)
     try:
         anyio.run(daemon.run)
     except FleetError as err:

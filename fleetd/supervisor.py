@@ -677,6 +677,21 @@ class Replica:
         })
         return d
 
+    def symbols(self) -> str | None:
+        """The file gdb should load symbols from (the bundled guest's unstripped ELF)."""
+        from fleetd.spec import bundled_symbols
+        if self.spec.bundled:
+            return str(bundled_symbols())
+        return str(self.spec.kernel) if self.spec.kernel else None
+
+    def gdb_command(self) -> str:
+        """The command line that attaches gdb to this replica's gdbstub."""
+        target = self.gdb_target() or "?"
+        if not target.startswith("127.0.0.1:"):
+            target = f"unix::{target}"
+        sym = self.symbols()
+        return f"gdb -ex 'target remote {target}'" + (f" {sym}" if sym else "")
+
     def gdb_target(self) -> str | None:
         if not (self.debug or self.spec.gdb):
             return None
