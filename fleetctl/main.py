@@ -809,10 +809,17 @@ def plan(ctx: typer.Context,
          cpus: Annotated[int, typer.Option("--cpus", "-c")] = 1,
          pin: Annotated[Pin, typer.Option()] = Pin.shared,
          name: Annotated[str, typer.Option("--name", "-n")] = "plan",
+         topology: Annotated[str | None, typer.Option(
+             "--topology", help="Preview on a synthetic host: PACKAGESxCORESxTHREADS[nNODES], "
+             "e.g. 2x8x2n2 (32 CPUs, 2 NUMA nodes).")] = None,
+         housekeeping: Annotated[str | None, typer.Option(
+             "--housekeeping", help="With --topology: housekeeping CPUs, e.g. 0,16.")] = None,
          as_json: JsonOpt = False) -> None:
     """Show where a fleet's vCPUs would be pinned, without starting it."""
+    extra = {k: v for k, v in (("topology", topology), ("housekeeping", housekeeping)) if v}
     with connect(ctx) as client:
-        result = client.call("plan", name=name, replicas=replicas, cpus=cpus, pin=str(pin))
+        result = client.call("plan", name=name, replicas=replicas, cpus=cpus, pin=str(pin),
+                             **extra)
     assert isinstance(result, PlanResult)
     if as_json:
         print_json(result)

@@ -32,7 +32,8 @@ class DaemonConfig(BaseModel):
     cpus: str | None = None                 # host CPUs fleetd may use (cpulist), default all
     housekeeping: str = ""                  # host CPUs kept for QEMU's non-vCPU threads and fleetd
     qemu: str = "qemu-system-x86_64"
-    accel: str = Field(default="auto", pattern="^(auto|tcg)$")
+    accel: str = Field(default="auto", pattern="^(auto|kvm|tcg)$")  # auto: the probe's choice;
+    #   kvm: KVM whenever usable (even nested kvm_pvm); tcg: never KVM
     stop_guests_on_exit: bool = False       # SIGTERM stops every guest instead of detaching
     log_level: str = Field(default="info", pattern="^(debug|info|warning|error)$")
     log_json: bool | None = None

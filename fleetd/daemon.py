@@ -9,6 +9,7 @@ loop acts. Each control-API method has one handler, ``h_<method>``.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import signal
 import time
@@ -80,6 +81,9 @@ class Daemon:
             self.decision = await probe(cfg.qemu, allow_kvm=False)
         else:
             self.decision = await get_decision(cfg.qemu)
+            if cfg.accel == "kvm" and self.decision.kvm_usable and self.decision.accel != "kvm":
+                self.decision = dataclasses.replace(
+                    self.decision, accel="kvm", reason=self.decision.reason + " (config: kvm)")
         self.log.info("daemon.accel", decision=self.decision.accel, reason=self.decision.reason,
                       module=self.decision.kvm_module, probe_ms=round(self.decision.probe_ms))
         self.topology = Topology.from_sysfs("/")
@@ -538,8 +542,23 @@ class Daemon:
     async def h_plan(self, p: P.PlanParams, peer: Peer) -> P.PlanResult:
         assert self.placer
         names = [f"{p.name}-{i}" for i in range(p.replicas)]
-        plan = self.placer.plan([(n, p.cpus) for n in names], p.pin)
-        notes = list(plan.notes)
+        placer = self.placer
+        notes: list[str] = []
+        if p.topology:
+            shape, _, nodes = p.topology.partition("n")
+            pk, co, th = (int(x) for x in shape.split("x"))
+            try:
+                topo = Topology.synthetic(packages=pk, cores_per_package=co, threads_per_core=th,
+                                          nodes=int(nodes or 1))
+                hk = parse_cpulist(p.housekeeping or "")
+                pool = make_pool(topo, affinity=topo.online(), cgroup=None, configured=None,
+                                 housekeeping=hk)
+            except ValueError as err:
+                raise SpecError(f"topology: {err}", field="topology") from err
+            placer = Placer(topo, pool)
+            notes.append(f"synthetic host: {topo.summary()} (nothing placed there yet)")
+        plan = placer.plan([(n, p.cpus) for n in names], p.pin)
+        notes += list(plan.notes)
         if plan.overcommitted:
             notes.append(plan.summary())
         return P.PlanResult(plan=plan.to_json(), table=plan.render_table(), notes=notes)

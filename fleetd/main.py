@@ -37,7 +37,7 @@ def main(
     log_level: Optional[str] = typer.Option(None, "--log-level", help="debug|info|warning|error"),
     log_json: Optional[bool] = typer.Option(None, "--log-json/--log-console",
                                             help="JSON log lines (default when not a TTY)."),
-    accel: Optional[str] = typer.Option(None, "--accel", help="auto (probe) or tcg (never KVM)."),
+    accel: Optional[str] = typer.Option(None, "--accel", help="auto (the probe's choice), kvm (whenever usable) or tcg (never KVM)."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True),
 ) -> None:
     """Run the daemon in the foreground (systemd runs it as Type=notify)."""

@@ -107,6 +107,10 @@ class PlanParams(_Model):
     replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS)
     cpus: int = Field(default=1, ge=1, le=255)
     pin: PinMode = PinMode.SHARED
+    topology: str | None = Field(default=None, pattern=r"^[1-9][0-9]*x[1-9][0-9]*x[1-9][0-9]*(n[1-9][0-9]*)?$",
+                                 description="preview on a synthetic host: PACKAGESxCORESxTHREADS[nNODES]")
+    housekeeping: str | None = Field(default=None, max_length=256,
+                                     description="with topology: housekeeping CPUs (cpulist)")
 
 
 class FailuresParams(_Model):
