@@ -85,10 +85,10 @@ class LogPolicy(BaseModel):
     """Console log rotation and post-mortem bundle caps."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    console_max_bytes: int = Field(default=8 * 1024 * 1024, ge=64 * 1024)
+    console_max_bytes: int = Field(default=8 * 1024 * 1024, ge=4096)
     console_keep: int = Field(default=3, ge=0, le=100)
     bundles_max: int = Field(default=10, ge=1, le=1000)
-    bundle_max_bytes: int = Field(default=2 * 1024 * 1024, ge=64 * 1024)
+    bundle_max_bytes: int = Field(default=2 * 1024 * 1024, ge=16 * 1024)
 
 
 class FleetPolicy(BaseModel):
