@@ -310,6 +310,8 @@ class Vm:
             await self.qmp.execute("cont")
             self.timeline.running = time.monotonic()
             self._to(VmState.RUNNING, "cont")
+        if self.pins.emulator:
+            tg.start_soon(self._repin_new_threads)
 
     async def _adopt(self, tg: anyio.abc.TaskGroup) -> None:
         """Take over a running QEMU left by a previous daemon: reconnect, re-read, no ``cont``."""
@@ -364,6 +366,24 @@ class Vm:
         self.vcpus = pinning.pin_threads(self.name, self.proc.pid, tids, self.pins.vcpus,
                                          self.pins.emulator)
         self.timeline.pinned = time.monotonic()
+
+    async def _repin_new_threads(self) -> None:
+        """Threads born after ``cont`` (KVM's nx-lpage-recovery, thread-pool workers spawned
+        by a vCPU thread) inherit their creator's affinity: move them to the emulator set."""
+        assert self.proc is not None and self.pins.emulator
+        known = set(self.proc.threads())
+        vcpu = {v.thread_id for v in self.vcpus}
+        delay = 0.25
+        while True:
+            await anyio.sleep(delay)
+            delay = min(delay * 4, 10.0)
+            tids = set(self.proc.threads())
+            for tid in tids - known - vcpu:
+                try:
+                    os.sched_setaffinity(tid, self.pins.emulator)
+                except OSError:
+                    pass  # gone already
+            known = tids
 
     def _on_line(self, line: str, when: float) -> None:
         self.observer.console_line(self, line, when)
