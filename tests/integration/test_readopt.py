@@ -223,3 +223,20 @@ def test_wedged_qemu_does_not_delay_the_others(dirs: tuple[Path, Path]) -> None:
             os.kill(pids["z-0"], signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_released_state_sample_is_restored(dirs: tuple[Path, Path]) -> None:
+    """A daemon started on v1's stored sample restores the fleet and restarts its dead guests."""
+    import shutil
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "state" / "v1"
+    shutil.copytree(fixture, dirs[1])
+    doc = json.loads((fixture / "fleets" / "web.json").read_text())
+    d = DaemonProc(*dirs).start()
+    try:
+        rows = {r.name: r for r in d.wait_healthy("web", 2)}
+        for name, rec in ((f"web-{k}", v) for k, v in doc["replicas"].items()):
+            assert rows[name].pid != rec["pid"]
+            assert rows[name].restarts == rec["restarts"] + 1   # its QEMU died: one more restart
+            assert "while fleetd was not running" in rows[name].last_failure
+    finally:
+        cleanup(d)
