@@ -9,7 +9,6 @@ also lands in the console logfile, written by QEMU itself.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -158,16 +157,3 @@ class Console:
         for s in self._subscribers:
             s.close()
         self._subscribers.clear()
-
-
-def socket_accepts(path: str) -> bool:
-    """Whether something listens on a unix socket path (a stale socket refuses)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(0.5)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()

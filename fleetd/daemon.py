@@ -28,7 +28,7 @@ from fleetd.errors import (ConflictError, FleetError, NotFoundError, SpecError, 
                            StateStoreError)
 from fleetd.events import EventBus
 from fleetd.fleet import Fleet, check_fleet_name
-from fleetd.log import configure, get_logger
+from fleetd.log import get_logger
 from fleetd.placement import CpuPool, Placer, make_pool
 from fleetd.server import AccessPolicy, ControlServer, Peer, Streaming
 from fleetd.ports import check_ports

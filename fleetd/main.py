@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import anyio
 import typer
@@ -27,17 +26,17 @@ def _version(value: bool) -> None:
 
 @app.command()
 def main(
-    socket: Optional[Path] = typer.Option(None, "--socket", envvar="FLEETD_SOCKET",
+    socket: Path | None = typer.Option(None, "--socket", envvar="FLEETD_SOCKET",
                                           help="Control socket path."),
-    state_dir: Optional[Path] = typer.Option(None, "--state-dir", envvar="FLEETD_STATE_DIR",
+    state_dir: Path | None = typer.Option(None, "--state-dir", envvar="FLEETD_STATE_DIR",
                                              help="Where state, console logs and bundles live."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Daemon config (TOML)."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir",
+    config: Path | None = typer.Option(None, "--config", help="Daemon config (TOML)."),
+    run_dir: Path | None = typer.Option(None, "--run-dir",
                                            help="Per-VM sockets (default: the socket's directory)."),
-    log_level: Optional[str] = typer.Option(None, "--log-level", help="debug|info|warning|error"),
-    log_json: Optional[bool] = typer.Option(None, "--log-json/--log-console",
+    log_level: str | None = typer.Option(None, "--log-level", help="debug|info|warning|error"),
+    log_json: bool | None = typer.Option(None, "--log-json/--log-console",
                                             help="JSON log lines (default when not a TTY)."),
-    accel: Optional[str] = typer.Option(None, "--accel", help="auto (the probe's choice), kvm (whenever usable) or tcg (never KVM)."),
+    accel: str | None = typer.Option(None, "--accel", help="auto (the probe's choice), kvm (whenever usable) or tcg (never KVM)."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True),
 ) -> None:
     """Run the daemon in the foreground (systemd runs it as Type=notify)."""

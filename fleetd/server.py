@@ -74,7 +74,6 @@ from fleetd.protocol import (
     READ_ONLY_METHODS,
     RESULTS,
     decode_request,
-    encode,
     error_reply,
     event_line,
     greeting_line,
