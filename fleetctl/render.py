@@ -206,9 +206,23 @@ def info_view(info: InfoResult) -> Text:
     data: dict[str, Any] = info.model_dump()
     data["uptime_s"] = format_uptime(info.uptime_s)
     data["by_state"] = ", ".join(f"{k} {v}" for k, v in info.by_state.items()) or "-"
-    data["accel"] = " ".join(f"{k}={_cell(v)}" for k, v in info.accel.items()
-                             if v not in (None, "", [])) or "-"
-    return kv_text(("uptime" if k == "uptime_s" else k, v) for k, v in data.items())
+    a = info.accel
+    data["accel"] = (f"{a.get('accel', '?')}"
+                     + (f" (KVM usable: -cpu {a['kvm_cpu_model']}, {a.get('kvm_module')})"
+                        if a.get("kvm_usable") else " (KVM not usable)"))
+    data["accel_reason"] = a.get("reason", "")
+    data["problems"] = "; ".join(info.problems) or "-"
+    st = info.store
+    data["store"] = (f"{st.get('writes', 0)} writes, {st.get('failures', 0)} failures"
+                     + (f", last error: {st['last_error']}" if st.get("last_error") else ""))
+    if info.readopt_s is None:
+        data.pop("readopt_s", None)
+    order = ["daemon", "version", "protocol", "pid", "uptime_s", "socket", "state_dir", "qemu",
+             "qemu_version", "accel", "accel_reason", "host_cpus", "topology", "pool",
+             "housekeeping", "fleets", "replicas", "by_state", "readopt_s", "store", "problems"]
+    items = [(k, data[k]) for k in order if k in data] + [
+        (k, v) for k, v in data.items() if k not in order]
+    return kv_text(("uptime" if k == "uptime_s" else k, v) for k, v in items)
 
 
 def inspect_view(d: ReplicaDetail) -> Group:
