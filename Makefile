@@ -10,12 +10,12 @@ APT_PKGS := qemu-system-x86 gdb busybox-static socat
 FLEETCTL := $(BIN)/fleetctl
 PYTEST_ARGS ?=
 
-.PHONY: demo test setup deps venv guest stop soak bench clean
+.PHONY: demo test setup deps venv guest linux-guest stop soak bench clean
 
 demo: setup
 	@bash scripts/demo.sh
 
-test: setup
+test: setup linux-guest
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 setup: deps venv guest
@@ -43,6 +43,10 @@ $(BIN)/fleetd: pyproject.toml
 guest:
 	$(MAKE) -s -C guest
 
+# the Linux guest profile (Debian kernel + busybox initramfs, from apt; used by the slow tests)
+linux-guest:
+	guest/linux/build.sh
+
 stop:
 	-$(FLEETCTL) daemon stop --stop-guests
 
@@ -54,4 +58,5 @@ bench: setup
 
 clean:
 	$(MAKE) -C guest clean
+	rm -rf guest/linux/build
 	rm -rf $(VENV) *.egg-info

@@ -12,6 +12,7 @@
 #
 # Usage: guest/linux/build.sh [--force]      (--force rebuilds even when up to date)
 set -euo pipefail
+export LC_ALL=C          # apt-cache output is parsed: no translations
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OUT="$HERE/build"
@@ -48,6 +49,7 @@ if [ "$(id -u)" = 0 ]; then APT_DL+=(-o APT::Sandbox::User=root); fi
 mkdir -p "$OUT"
 exec 9>"$OUT/.lock"
 flock 9          # one build at a time (make and a test may race)
+rm -rf "$OUT"/.work.*   # left over by an interrupted build
 
 candidate() {    # candidate version of a package, empty when apt does not know it
     apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ { if ($2 != "(none)") print $2; exit }'
@@ -206,7 +208,8 @@ busybox=$BUSYBOX_PKG $BBVER
 modules=${ORDER[*]}
 EOF
 
-# Reproducible archive: sorted names, fixed mtimes, owner root, no gzip timestamp.
+# Sorted names, fixed mtimes, owner root, no gzip timestamp. (Not byte-for-byte reproducible:
+# busybox cpio records inode numbers, which differ from one build to the next.)
 EPOCH=${SOURCE_DATE_EPOCH:-0}
 find "$ROOT" -exec touch -h -d "@$EPOCH" {} +
 (cd "$ROOT" && find . -mindepth 1 | LC_ALL=C sort | "$BB" cpio -o -H newc -R 0:0 2>/dev/null) \
