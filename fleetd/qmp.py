@@ -20,7 +20,8 @@ from typing import Any
 import anyio
 from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient
 from qemu.qmp.message import Message
-from qemu.qmp.protocol import ConnectError, Runstate
+from qemu.qmp.error import QMPError
+from qemu.qmp.protocol import Runstate
 
 from fleetd.errors import QmpError, VmTimeout
 
@@ -153,7 +154,10 @@ class QmpConnection:
                 return
             except TimeoutError as err:
                 last = err
-            except (ConnectError, OSError) as err:
+                await self._reset()
+            except (QMPError, OSError, EOFError, AssertionError) as err:
+                # AssertionError: qemu.qmp asserts its runstate is RUNNING right after the
+                # handshake; a QEMU dying during the handshake trips it (a library race).
                 last = err
                 await self._reset()
             if time.monotonic() >= deadline:

@@ -109,3 +109,5 @@ def daemon(short_tmp: Path, tmp_path: Path, no_leaked_qemu: None):
         if rc not in (0, None):
             print(d.log_tail(80))
         assert rc == 0, f"fleetd exited with {rc}"
+        bugs = d.internal_errors()
+        assert not bugs, "fleetd logged internal errors:\n" + "\n".join(bugs)

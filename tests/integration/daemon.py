@@ -91,6 +91,19 @@ class DaemonProc:
         except OSError:
             return ""
 
+    def internal_errors(self) -> list[str]:
+        """Log lines where fleetd reported a bug of its own (with their tracebacks)."""
+        out = []
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return out
+        for line in text.splitlines():
+            if '"internal_error"' in line or '"level": "critical"' in line or (
+                    '"exception"' in line and '"level": "error"' in line):
+                out.append(line[-4000:])
+        return out
+
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
