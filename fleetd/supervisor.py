@@ -345,6 +345,8 @@ class Replica:
                 rec, self.adopt_rec = self.adopt_rec, None
                 try:
                     await self._readopt(rec)
+                except Exception as err:  # noqa: BLE001 - a bug must not take the daemon down
+                    self._internal_error(err)
                 finally:
                     self.adopt_done.set()
             else:
@@ -368,9 +370,7 @@ class Replica:
                     outcome = await self._life()
                     self._after(outcome)
                 except Exception as err:  # noqa: BLE001 - a bug must not take the daemon down
-                    self.log.exception("replica.internal_error", error=repr(err))
-                    self.want = Want.STOPPED
-                    self._set_state(ReplicaState.FAILED, f"internal error: {err!r}")
+                    self._internal_error(err)
                     continue
                 if self.want == Want.RUNNING and self.state == ReplicaState.BACKOFF:
                     await self._backoff()
@@ -381,6 +381,11 @@ class Replica:
                     await vm.stop(kill=True)
             if self.want == Want.REMOVED:
                 self.release()
+
+    def _internal_error(self, err: Exception) -> None:
+        self.log.exception("replica.internal_error", error=repr(err))
+        self.want = Want.STOPPED
+        self._set_state(ReplicaState.FAILED, f"internal error: {err!r}")
 
     def acquire(self) -> None:
         """Take host CPUs for this replica (a no-op when it already holds them).
