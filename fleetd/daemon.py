@@ -124,6 +124,9 @@ class Daemon:
                 self.log.info("daemon.ready", socket=str(cfg.socket), pid=os.getpid(),
                               pool=self.pool.description)
                 self.ready.set()
+                for f in self.fleets.values():         # READY=1 means: state on disk is current
+                    self.store.mark(f.name, f.record)
+                self.store.flush()
                 self.notifier.ready(self.status_text())
                 task_status.started(self)
                 await self._shutdown.wait()

@@ -126,6 +126,7 @@ class Replica:
         self.lifetimes = 0
         self.detaching = False
         self.adopt_rec: dict[str, Any] | None = None
+        self._pending: dict[str, Any] | None = None
         self.paused_by_us = False
         self.adopt_done = anyio.Event()
 
@@ -249,7 +250,7 @@ class Replica:
             proc.close()
             proc = None
         if proc is None:
-            self.adopt_done.set()
+            self._adoption_over()
             self.lifetimes += 1
             outcome = Outcome("failure", Failure(
                 "crashed", f"QEMU (pid {pid}) ended while fleetd was not running"))
@@ -277,6 +278,16 @@ class Replica:
         vm = self.vm
         live = vm is not None and not vm.state.terminal and vm.proc is not None
         mon = self.monitor
+        pending = self._pending if not live else None   # an adoption not concluded yet
+        handles = {
+            "pid": vm.proc.pid if live else None,
+            "start_time": vm.proc.start_time if live else None,
+            "console_offset": vm.console_start_offset if live else None,
+            "ready": bool(mon and mon.ready_at is not None) if live else False,
+            "online": mon.online if live and mon else None,
+        }
+        if pending is not None:
+            handles = {k: pending.get(k) for k in handles}
         return {
             "index": self.index, "name": self.name, "want": self.want.value,
             "state": self.state.value, "state_reason": self.state_reason,
@@ -286,13 +297,9 @@ class Replica:
             "last_bundle": self.last_bundle,
             "host_cpus": self.host_cpus if self.assignment is not None else None,
             "debug": self.debug, "gdb_port": self.gdb_port,
-            "pid": vm.proc.pid if live else None,
-            "start_time": vm.proc.start_time if live else None,
+            **handles,
             "qmp": str(self.paths.qmp), "console": str(self.paths.console),
             "console_log": str(self.paths.console_log),
-            "console_offset": vm.console_start_offset if live else None,
-            "ready": bool(mon and mon.ready_at is not None) if live else False,
-            "online": mon.online if live and mon else None,
             "paused_by_us": bool(live and mon and mon.paused_at is not None and mon.pause_expected),
             "saved_at": time.time(),
         }
@@ -320,6 +327,7 @@ class Replica:
         self.paused_by_us = bool(rec.get("paused_by_us"))
         if rec.get("pid"):
             self.adopt_rec = rec
+            self._pending = rec
 
     def _new_vm(self, adopt: QemuProcess | None = None) -> Vm:
         pins = None
@@ -348,9 +356,9 @@ class Replica:
                 except Exception as err:  # noqa: BLE001 - a bug must not take the daemon down
                     self._internal_error(err)
                 finally:
-                    self.adopt_done.set()
+                    self._adoption_over()
             else:
-                self.adopt_done.set()
+                self._adoption_over()
             while self.want != Want.REMOVED:
                 if self.want == Want.STOPPED:
                     if self.state not in (ReplicaState.STOPPED, ReplicaState.FAILED,
@@ -381,6 +389,10 @@ class Replica:
                     await vm.stop(kill=True)
             if self.want == Want.REMOVED:
                 self.release()
+
+    def _adoption_over(self) -> None:
+        self._pending = None
+        self.adopt_done.set()
 
     def _internal_error(self, err: Exception) -> None:
         self.log.exception("replica.internal_error", error=repr(err))
@@ -413,6 +425,7 @@ class Replica:
         monitor.suspended = self.debug
         self.vm, self.monitor = vm, monitor
         if adopt is not None and replay is not None:
+            vm.console_start_offset = replay[0]      # this lifetime's output starts there
             self._replay(monitor, *replay)
         self._set_state(ReplicaState.STARTING, "adopt" if adopt else
                         "restart" if self.lifetimes > 1 else "start")
@@ -420,9 +433,9 @@ class Replica:
             try:
                 await tg.start(vm.run)
             except FleetError as err:
-                self.adopt_done.set()
+                self._adoption_over()
                 return Outcome("failure", Failure("start-failed", str(err)))
-            self.adopt_done.set()
+            self._adoption_over()
             if vm.state == VmState.RUNNING:
                 monitor.vm_running()
             elif vm.state == VmState.PAUSED and adopt is not None:

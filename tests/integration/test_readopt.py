@@ -240,3 +240,24 @@ def test_released_state_sample_is_restored(dirs: tuple[Path, Path]) -> None:
             assert "while fleetd was not running" in rows[name].last_failure
     finally:
         cleanup(d)
+
+
+def test_kill9_right_after_readoption_loses_no_guest(dirs: tuple[Path, Path]) -> None:
+    """The records written during re-adoption keep every QEMU's handles: a daemon killed the
+    moment it is ready must leave a state the next one adopts completely."""
+    d = fresh(dirs)
+    d.call("start", name="q", replicas=6, spec={"cpus": 1})
+    pids = {r.name: r.pid for r in d.wait_healthy("q", 6)}
+    d.kill9()
+    for _ in range(2):
+        d2 = DaemonProc(*dirs).start()
+        d2.wait_for(lambda: d2.call("info").readopt_s is not None, 20, "re-adopted")
+        d2.kill9()
+    d3 = DaemonProc(*dirs).start()
+    try:
+        rows = d3.wait_healthy("q", 6)
+        assert {r.name: r.pid for r in rows} == pids
+        assert all(r.restarts == 0 for r in rows), [(r.name, r.last_failure) for r in rows]
+        assert len(d3.guests()) == 6
+    finally:
+        cleanup(d3)
