@@ -70,7 +70,7 @@ class Console:
                                     f"{err.strerror}", vm=self.vm, what="console",
                                     seconds=timeout) from err
             await anyio.sleep(delay)
-            delay = min(delay * 2, 0.1)
+            delay = min(delay * 1.5, 0.02)
 
     async def run(self) -> None:
         """Read until EOF, feeding lines, tail and subscribers. Returns when QEMU closes it."""

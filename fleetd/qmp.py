@@ -164,7 +164,7 @@ class QmpConnection:
                 raise VmTimeout(f"{self.vm}: no QMP session within {timeout:.1f}s ({last})",
                                 vm=self.vm, what="qmp_connect", seconds=timeout) from last
             await anyio.sleep(interval)
-            interval = min(interval * 2, 0.1)
+            interval = min(interval * 1.5, 0.02)  # QEMU needs ~30-40 ms: poll finely
 
     async def _reset(self) -> None:
         # After a failed connect qemu.qmp must be back in IDLE before it can retry.
