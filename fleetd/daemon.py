@@ -24,6 +24,7 @@ from fleetd import __version__, consolelog, postmortem
 from fleetd import protocol as P
 from fleetd.accel import AccelDecision, choose, get_decision, probe
 from fleetd.config import DaemonConfig
+from fleetd.console import ConsoleSweeper
 from fleetd.errors import (ConflictError, FleetError, NotFoundError, SpecError, StateError,
                            StateStoreError)
 from fleetd.events import EventBus
@@ -96,9 +97,10 @@ class Daemon:
                 os.sched_setaffinity(0, self.pool.housekeeping)
             except OSError as err:
                 self.log.warning("daemon.affinity_failed", error=str(err))
+        self.sweeper = ConsoleSweeper()
         self.rt = Runtime(cfg.run_root, cfg.state_dir, self.decision, self.bus,
                           placer=self.placer, qemu=cfg.qemu, changed=self._changed,
-                          start_timeout=cfg.start_timeout)
+                          start_timeout=cfg.start_timeout, sweeper=self.sweeper)
         access = AccessPolicy.resolve(control_group=cfg.control_group,
                                       readonly_group=cfg.readonly_group)
         self.server = ControlServer(self, cfg.socket, access=access, socket_group=cfg.socket_group,
@@ -108,6 +110,7 @@ class Daemon:
                 self._tg = tg
                 tg.start_soon(self.notifier.run_watchdog)   # petted during a long re-adoption too
                 tg.start_soon(self.store.run)
+                tg.start_soon(self.sweeper.run)
                 restored = await self._restore()
                 await tg.start(self.server.serve)
                 tg.start_soon(self._watch_signals)
@@ -376,7 +379,9 @@ class Daemon:
 
     async def h_ps(self, p: P.PsParams, peer: Peer) -> P.PsResult:
         reps = self.resolve(p.targets, p.all, default_all=True)
-        return P.PsResult(replicas=[P.ReplicaInfo(**r.info()) for r in reps])
+        # built by fleetd itself from typed fields: construct, don't re-validate (hot path)
+        return P.PsResult.model_construct(
+            replicas=[P.ReplicaInfo.model_construct(**r.info()) for r in reps])
 
     async def h_inspect(self, p: P.InspectParams, peer: Peer) -> P.ReplicaDetail:
         return P.ReplicaDetail(**self.replica(p.name).detail())

@@ -83,8 +83,36 @@ def _int(v: str | None) -> int | None:
         return None
 
 
+def _fast_heartbeat(line: str) -> GuestHeartbeat | None:
+    """The common case, without regular expressions: ``FLEET HB seq=.. up_ms=.. c0=..``."""
+    words = line.split()
+    if len(words) < 3 or words[1] != "HB":
+        return None
+    kv = {}
+    for w in words[2:]:
+        k, sep, v = w.partition("=")
+        if not sep or not v.isdigit():
+            return None
+        kv[k] = int(v)
+    seq = kv.get("seq")
+    if seq is None:
+        return None
+    counters = []
+    i = 0
+    while (c := kv.get(f"c{i}")) is not None:
+        counters.append(c)
+        i += 1
+    if len(kv) != 2 + len(counters) - ("up_ms" not in kv):
+        return None             # something unexpected: let the general parser decide
+    return GuestHeartbeat(seq, kv.get("up_ms"), tuple(counters))
+
+
 def parse_line(line: str) -> GuestEvent | None:
     """Parse one console line; None if it is not a well-formed FLEET line."""
+    if line.startswith("FLEET HB "):
+        hb = _fast_heartbeat(line)
+        if hb is not None:
+            return hb
     m = _LINE.search(line.rstrip("\r\n"))
     if not m:
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -47,6 +48,11 @@ def main(
         typer.echo(f"fleetd: error: {err}", err=True)
         raise typer.Exit(2) from err
     configure(cfg.log_level, json=cfg.log_json)
+    # A full collection over hundreds of replicas' objects took 100+ ms every ~2 s (p99 of
+    # `ps` at 256 guests): collect young objects as usual, old ones far less often, and keep
+    # everything imported at start-up out of the collector's way.
+    gc.set_threshold(10000, 50, 50)
+    gc.freeze()
     from fleetd.daemon import Daemon, sd_listen_fd
     daemon = Daemon(cfg, listen_fd=sd_listen_fd())
     from fleetd.sdnotify import SYSTEMD_VARIABLES

@@ -10,6 +10,7 @@ before ``cont``. Everything here is synchronous and fast: a few syscalls.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,32 @@ class VcpuThread:
                 "asked": sorted(self.asked) if self.asked is not None else None,
                 "cpus_allowed_list": format_cpulist(self.allowed),
                 "allowed": sorted(self.allowed)}
+
+
+_VCPU_COMM = re.compile(r"^CPU (\d+)/(?:TCG|KVM|HVF|WHPX)$")
+
+
+def vcpu_threads_from_proc(pid: int, cpus: int) -> list[int] | None:
+    """vCPU thread ids by index from thread names (QEMU runs with ``debug-threads=on``).
+
+    Saves a QMP round trip at start; None when the names do not give exactly one thread per
+    vCPU (single-threaded TCG names one thread "ALL CPUs/TCG"): then ask QMP.
+    """
+    found: dict[int, int] = {}
+    try:
+        for t in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{t}/comm") as f:
+                    m = _VCPU_COMM.match(f.read().strip())
+            except OSError:
+                continue
+            if m:
+                found[int(m.group(1))] = int(t)
+    except OSError:
+        return None
+    if sorted(found) != list(range(cpus)):
+        return None
+    return [found[i] for i in range(cpus)]
 
 
 def read_allowed(pid: int, tid: int) -> frozenset[int]:

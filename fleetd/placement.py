@@ -382,12 +382,20 @@ class Placer:
             raise PlacementError(f"needs {_cpus_word(needed)}, 0 available ({self.pool.description}; "
                                  f"all held exclusively)", needed=needed, available=0)
         out = []
+        # vCPU 0 boots the guest (and carries most of its work early on): spread the boot
+        # vCPUs over the host CPUs instead of stacking every replica's vCPU 0 on one of them
+        boot = Counter(next(iter(a.vcpus[0])) for a in self._assignments.values()
+                       if a.mode is not PinMode.NONE and a.vcpus and len(a.vcpus[0]) == 1)
         for name, n in requests:
             if mode is PinMode.EXCLUSIVE:
                 candidates = frozenset(c for c in allowed if load[c] == 0)
             else:
                 candidates = allowed - held
             cpus = self._pick(n, candidates, load)
+            if mode is PinMode.SHARED and len(cpus) > 1:
+                k = min(range(len(cpus)), key=lambda i: (boot[cpus[i]], i))
+                cpus = cpus[k:] + cpus[:k]
+            boot[cpus[0]] += 1
             nodes = {self.topology.node_of(c) for c in cpus}
             biggest = max(len(candidates & cs) for cs in self._by_node.values())
             if len(nodes) > 1 and n <= biggest:

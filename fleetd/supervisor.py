@@ -28,6 +28,7 @@ from fleetd import postmortem
 from fleetd.accel import AccelChoice, AccelDecision, choose
 from fleetd.argv import Launch, VmPaths, host_ports
 from fleetd.backoff import RestartTracker
+from fleetd.console import ConsoleSweeper
 from fleetd.errors import FleetError, PlacementError, StateError, VmError
 from fleetd.events import EventBus
 from fleetd.health import Failure, Health, HealthMonitor
@@ -39,6 +40,9 @@ from fleetd.vm import Pins, Vm, VmState
 
 if TYPE_CHECKING:
     from fleetd.fleet import Fleet
+
+
+REPLAY_TAIL = 64 * 1024     # bytes of console log replayed into health after re-adoption
 
 
 class ReplicaState(StrEnum):
@@ -73,6 +77,7 @@ class Runtime:
     changed: Callable[["Replica"], None] = lambda r: None
     start_timeout: float = 15.0
     adopt_timeout: float = 5.0
+    sweeper: ConsoleSweeper | None = None
 
     def vm_paths(self, name: str) -> VmPaths:
         return VmPaths(self.run_root / "vm" / name, self.state_root / "vms" / name)
@@ -211,6 +216,9 @@ class Replica:
             self.monitor.line(line, when)
 
     def _health_changed(self, health: Health, reason: str) -> None:
+        vm = self.vm
+        if health == Health.HEALTHY and vm is not None and vm.console is not None:
+            vm.console.sweepable = True      # steady heartbeats: read it on the sweeper's grid
         self.rt.bus.publish("health", vm=self.name, fleet=self.fleet.name, health=health.value,
                             reason=reason)
         self.log.info("replica.health", health=health.value, reason=reason)
@@ -230,6 +238,10 @@ class Replica:
         except OSError:
             size = 0
         f.pos = offset if offset <= size else 0      # rotated meanwhile: the current file only
+        # Only the tail: what a guest printed while no daemon watched is recent; a long-lived
+        # guest's log holds hours of heartbeats. (A panic older than this is still found: the
+        # guest sits in guest-panicked, which query-status reports.)
+        f.pos = max(f.pos, size - REPLAY_TAIL)
         now = time.monotonic()
         monitor.running_since = now
         for line in f.read_lines():
@@ -343,7 +355,7 @@ class Replica:
                         qemu=self.rt.qemu)
         return Vm(spec, launch, pins, observer=self,
                   start_timeout=self.rt.adopt_timeout if adopt else self.rt.start_timeout,
-                  halted=self.debug and adopt is None, adopt=adopt)
+                  halted=self.debug and adopt is None, adopt=adopt, sweeper=self.rt.sweeper)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Supervise until removed. Runs in the daemon's task group."""

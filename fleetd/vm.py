@@ -32,7 +32,7 @@ from anyio.abc import TaskStatus
 
 from fleetd import pinning
 from fleetd.argv import Launch, build_argv
-from fleetd.console import Console
+from fleetd.console import Console, ConsoleSweeper
 from fleetd.errors import FleetError, QemuStartError, QmpError, StateError, VmError, single_error
 from fleetd.log import get_logger
 from fleetd.process import ExitStatus, QemuProcess, find_qemu, proc_cmdline
@@ -164,7 +164,8 @@ class Vm:
 
     def __init__(self, spec: GuestSpec, launch: Launch, pins: Pins | None = None, *,
                  observer: VmObserver | None = None, start_timeout: float = 15.0,
-                 halted: bool = False, adopt: QemuProcess | None = None) -> None:
+                 halted: bool = False, adopt: QemuProcess | None = None,
+                 sweeper: ConsoleSweeper | None = None) -> None:
         self.name = launch.name
         self.spec = spec
         self.launch = launch
@@ -174,6 +175,7 @@ class Vm:
         self.start_timeout = start_timeout
         self.halted = halted
         self.adopted = adopt
+        self.sweeper = sweeper
         self.console_start_offset = 0
         self.state = VmState.CREATED
         self.argv: list[str] = []
@@ -181,6 +183,7 @@ class Vm:
         self.qmp: QmpConnection | None = None
         self.console: Console | None = None
         self.vcpus: list[pinning.VcpuThread] = []
+        self._pinned_threads: set[int] = set()
         self.timeline = Timeline()
         self.exit_info: ExitInfo | None = None
         self.log = get_logger(vm=self.name)
@@ -347,6 +350,7 @@ class Vm:
         self.qmp = QmpConnection(self.name, str(self.paths.qmp))
         self.qmp.add_queue(self._events)
         self.console = Console(self.name, str(self.paths.console), self._on_line)
+        self.console.sweeper = self.sweeper
         try:
             await self.qmp.connect(timeout=self.start_timeout, alive=lambda: self.alive)
         except FleetError as err:
@@ -358,11 +362,14 @@ class Vm:
 
     async def _pin(self) -> None:
         assert self.qmp is not None and self.proc is not None
-        cpus = await self.qmp.execute("query-cpus-fast")
-        tids = [int(c["thread-id"]) for c in sorted(cpus, key=lambda c: c["cpu-index"])]
+        tids = pinning.vcpu_threads_from_proc(self.proc.pid, self.spec.cpus)
+        if tids is None:
+            cpus = await self.qmp.execute("query-cpus-fast")
+            tids = [int(c["thread-id"]) for c in sorted(cpus, key=lambda c: c["cpu-index"])]
         if len(tids) != self.spec.cpus:
             raise QemuStartError(f"{self.name}: QEMU created {len(tids)} vCPUs, spec asks "
                                  f"{self.spec.cpus}", vm=self.name)
+        self._pinned_threads = set(self.proc.threads())
         self.vcpus = pinning.pin_threads(self.name, self.proc.pid, tids, self.pins.vcpus,
                                          self.pins.emulator)
         self.timeline.pinned = time.monotonic()
@@ -371,7 +378,7 @@ class Vm:
         """Threads born after ``cont`` (KVM's nx-lpage-recovery, thread-pool workers spawned
         by a vCPU thread) inherit their creator's affinity: move them to the emulator set."""
         assert self.proc is not None and self.pins.emulator
-        known = set(self.proc.threads())
+        known = set(self._pinned_threads)
         vcpu = {v.thread_id for v in self.vcpus}
         delay = 0.25
         while True:

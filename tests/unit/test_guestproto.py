@@ -47,3 +47,14 @@ def test_garbage_is_ignored(line: str) -> None:
 def test_never_raises(text: str) -> None:
     parse_line(text)
     unquote(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 10**12), st.one_of(st.none(), st.integers(0, 10**12)),
+       st.lists(st.integers(0, 2**63), max_size=16), st.sampled_from(["", "\r", " "]))
+def test_fast_heartbeat_path_agrees_with_the_grammar(seq: int, up: int | None, cs: list[int],
+                                                       tail: str) -> None:
+    line = f"FLEET HB seq={seq}" + (f" up_ms={up}" if up is not None else "") + "".join(
+        f" c{i}={c}" for i, c in enumerate(cs)) + tail
+    assert parse_line(line) == GuestHeartbeat(seq, up, tuple(cs))
+    assert parse_line("x " + line) == GuestHeartbeat(seq, up, tuple(cs))   # the regex path

@@ -122,17 +122,25 @@ def test_placer_rejects_pool_outside_topology() -> None:
 def test_shared_eight_replicas_of_two_on_two_cpus() -> None:
     p = placer()
     plan = p.plan(reps("web", 8, 2), SHARED)
-    assert [cpus_of(a) for a in plan.assignments] == [[0, 1]] * 8
+    # each guest's two vCPUs on distinct CPUs, and the boot vCPUs alternate between them
+    assert [cpus_of(a) for a in plan.assignments] == [[0, 1], [1, 0]] * 4
     assert dict(plan.load_after) == {0: 8, 1: 8}
     assert plan.overcommitted
     assert plan.render_table() == "\n".join([
         "pool 0-1, mode shared, overcommitted",
-        *(f"web-{i}  vcpu0→0 vcpu1→1" for i in range(8)),
+        *(f"web-{i}  vcpu0→{i % 2} vcpu1→{1 - i % 2}" for i in range(8)),
         "host CPU  0 1",
         "vCPUs     8 8",
     ])
     assert plan.summary() == ("8 replicas, 16 vCPUs, shared on 0-1; overcommitted "
                               "(up to 8 pinned vCPUs per host CPU)")
+
+
+def test_boot_vcpus_spread_around_what_is_placed() -> None:
+    p = placer()
+    p.place(reps("a", 1, 2), SHARED)                      # a-0: vcpu0 on 0
+    plan = p.plan(reps("b", 3, 2), SHARED)
+    assert [cpus_of(a)[0] for a in plan.assignments] == [1, 0, 1]
 
 
 def test_exclusive_does_not_fit_exact_message() -> None:
