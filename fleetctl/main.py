@@ -977,5 +977,66 @@ def config_validate(path: Path = typer.Argument(..., help="A fleet file or a fle
         out(f"{path}: ok ({result['kind']} config)")
 
 
+class FailOn(StrEnum):
+    unexpected = "unexpected"
+    any = "any"
+
+
+@app.command()
+@handled
+def soak(ctx: typer.Context,
+         name: Annotated[str | None, typer.Option(
+             "--name", "-n", help="Fleet name (default: the --config's, else soak); an "
+             "existing fleet of that name is used as it is.")] = None,
+         replicas: Annotated[int | None, typer.Option("--replicas", "-r", min=1)] = None,
+         cpus: Annotated[int | None, typer.Option("--cpus", "-c", min=1,
+                                                  help="vCPUs per guest.")] = None,
+         duration: Annotated[str, typer.Option(help="How long: 90s, 10m, 1h, 1.5s.")] = "30m",
+         config: Annotated[Path | None, typer.Option("--config", "-f",
+                                                     help="TOML fleet file.")] = None,
+         workload: Annotated[Workload | None, typer.Option(
+             help="Bundled guest workload (default idle).")] = None,
+         chaos: Annotated[str, typer.Option(
+             help="Faults to inject, comma-separated: kill, sigstop, pause, panic, hang, stall, "
+                  "reset, daemon-restart (or all).")] = "",
+         chaos_interval: Annotated[str, typer.Option(
+             help="Time between faults (+-25%, seeded).")] = "30s",
+         seed: Annotated[int | None, typer.Option(help="Chaos seed (default: random, "
+                                                       "reported).")] = None,
+         report_dir: Annotated[Path | None, typer.Option(
+             help="Where summary.json, junit.xml, report.html go "
+                  "(default ./soak-report-<timestamp>).")] = None,
+         fail_on: Annotated[FailOn, typer.Option(
+             help="unexpected: fail on failures nobody injected and faults handled wrongly; "
+                  "any: also on every failure and warning.")] = FailOn.unexpected,
+         as_json: Annotated[bool, typer.Option("--json", help="Stream events as JSON lines "
+                                               "instead of the live view.")] = False,
+         keep: Annotated[bool, typer.Option("--keep", help="Leave the fleet running.")] = False,
+         margin: Annotated[str, typer.Option(help="Slack on every detection bound.")] = "3s",
+         boot_allowance: Annotated[str, typer.Option(
+             help="Slack for a restart to be healthy again.")] = "30s",
+         ready_timeout: Annotated[str, typer.Option(
+             help="How long the fleet may take to become healthy.")] = "120s") -> None:
+    """Run a fleet for a duration (with seeded chaos) and judge it: exit 0 only on a pass."""
+    from fleetctl import soak as soak_mod
+    try:
+        opts = soak_mod.SoakOptions(
+            name=name, replicas=replicas, cpus=cpus, duration=soak_mod.parse_duration(duration),
+            config=config, workload=str(workload) if workload is not None else None,
+            chaos=soak_mod.parse_kinds(chaos),
+            chaos_interval=soak_mod.parse_duration(chaos_interval), seed=seed,
+            report_dir=report_dir, fail_on=str(fail_on), json=as_json, keep=keep,
+            margin=soak_mod.parse_duration(margin),
+            boot_allowance=soak_mod.parse_duration(boot_allowance),
+            ready_timeout=soak_mod.parse_duration(ready_timeout))
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    if opts.chaos and opts.chaos_interval <= 0:
+        raise UsageError("--chaos-interval must be more than 0")
+    settings = ctx.find_object(Settings) or Settings(None, 30.0)
+    raise typer.Exit(soak_mod.Soak(opts, socket=settings.socket, api_timeout=settings.timeout,
+                                   build_start=build_start_request).run())
+
+
 if __name__ == "__main__":  # python -m fleetctl.main
     app()

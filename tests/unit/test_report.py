@@ -337,8 +337,11 @@ def test_daemon_restart_readopted() -> None:
     inj = R.add_injection(rec, "daemon-restart", None, at=T0 + 10, before=before)
     rec.daemon_down.append([T0 + 10.0, T0 + 10.5])
     feed(rec, readopt_events(10.4, before))
-    assert inj.outcome == "ok" and inj.detection_s == pytest.approx(0.45)
-    assert inj.recovery_s == pytest.approx(0.45) and not rec.unexpected
+    assert inj.detection_s == pytest.approx(0.45) and inj.recovery_s == pytest.approx(0.45)
+    # judged a few seconds after fleetd is back: failures right after re-adoption count
+    assert inj.outcome == "pending" and R.check_timeouts(rec, T0 + 10.46) == []
+    assert R.check_timeouts(rec, T0 + 10.45 + R.DAEMON_SETTLE_S) == [inj]
+    assert inj.outcome == "ok" and not rec.unexpected
     rec.window_end = T0 + 20
     s = R.summarize(rec)
     assert s["verdict"] == "pass" and s["faults"]["daemon-restart"]["ok"] == 1
@@ -354,11 +357,35 @@ def test_daemon_restart_with_a_changed_pid_and_a_failure() -> None:
     feed(rec, [ev(10.3, "failure", "f-1", cause="crashed",
                   detail="QEMU (pid 200) ended while fleetd was not running")]
          + readopt_events(10.4, {"f-0": (100, 0), "f-1": (201, 1)}))
-    assert inj.outcome in ("guest-failure", "not-readopted")
-    assert any("f-1 came back with pid 201" in p for p in inj.problems)
-    assert rec.unexpected and rec.unexpected[0].note == f"during daemon-restart #{inj.id}"
+    R.check_timeouts(rec, T0 + 20)
+    assert inj.outcome == "guest-failure" and len(inj.problems) == 1, "one problem per replica"
+    assert "f-1 failed during the daemon restart (crashed" in inj.problems[0]
+    assert "came back with pid 201 restarts 1" in inj.problems[0]
+    # the failure belongs to the daemon restart: a problem, not an unexpected failure
+    f = rec.failures[0]
+    assert f.injection == inj.id and f.problem and not f.expected and not rec.unexpected
+    assert f.note == f"during daemon-restart #{inj.id}"
     rec.window_end = T0 + 20
-    assert R.summarize(rec)["verdict"] == "fail"
+    s = R.summarize(rec)
+    assert s["verdict"] == "fail" and len(s["reasons"]) == 1
+    assert s["totals"]["unexpected_failures"] == 0
+    case = ET.fromstring(R.junit_xml(rec, s)).find("testsuite").findall("testcase")[1]
+    assert [x.get("type") for x in case.findall("failure")] == ["daemon-restart:crashed"]
+    assert "DURING A DAEMON RESTART: failure crashed on f-1" in R.html_report(rec, s)
+
+
+def test_daemon_restart_failure_right_after_readoption() -> None:
+    """fleetd's replay of a re-adopted guest's console can fail it at once (a second BOOT
+    line): that failure arrives after fleetd is ready, and still belongs to the restart."""
+    rec = record()
+    feed(rec, boot("f-0", 0.0, 100) + boot("f-1", 0.0, 200))
+    before = {"f-0": (100, 0), "f-1": (200, 0)}
+    inj = R.add_injection(rec, "daemon-restart", None, at=T0 + 10, before=before)
+    feed(rec, readopt_events(10.4, before))
+    feed(rec, crash_and_restart("f-0", 11.0, "reset", 101, 1, recover=0.4))
+    R.check_timeouts(rec, T0 + 10.45 + R.DAEMON_SETTLE_S)
+    assert inj.outcome == "guest-failure" and not rec.unexpected
+    assert "pid 101 restarts 1" in inj.problems[0]
 
 
 def test_daemon_that_never_comes_back_is_a_miss() -> None:
@@ -469,6 +496,7 @@ def test_junit_injection_problems_and_daemon_suite() -> None:
     d = R.add_injection(rec, "daemon-restart", None, at=T0 + 60,
                         before={"f-0": (100, 0), "f-1": (200, 0)})
     feed(rec, readopt_events(60.3, {"f-0": (100, 0), "f-1": (200, 0)}))
+    R.check_timeouts(rec, T0 + 65)
     assert d.outcome == "ok"
     rec.window_end = T0 + 70
     summary = R.summarize(rec)
@@ -525,3 +553,30 @@ def test_html_report_empty_record() -> None:
     page = R.html_report(rec, s)
     assert "<svg" in page and s["verdict"] == "pass"
     ET.fromstring(R.junit_xml(rec, s))
+
+
+def test_record_round_trips_through_json() -> None:
+    rec = with_bundles_and_consoles(scenario(unexpected=True))
+    again = R.load_record(json.loads(json.dumps(R.record_dict(rec))))
+    assert R.summarize(again) == R.summarize(rec)
+    assert R.html_report(again, R.summarize(again)) == R.html_report(rec, R.summarize(rec))
+
+
+def test_soak_deduplicates_events_across_resubscriptions(tmp_path: Any) -> None:
+    """After a (re)subscription the same events come from the history, a second look at it
+    and the stream: each is ingested once, and history from before the soak not at all."""
+    import io
+
+    from fleetctl.soak import Soak, SoakOptions
+    s = Soak(SoakOptions(name="f", json=True), socket=tmp_path / "none.sock",
+             out=io.StringIO(), err=io.StringIO())
+    s.rec = R.new_record("f", replicas=1, started_at=T0, policy=POLICY)
+    old = ev(-50, "failure", "f-0", cause="hang", detail="long before the soak")
+    evs = boot("f-0", 0.0, 100) + [ev(5, "failure", "f-0", cause="panic", detail="x")]
+    s._on_events([old] + evs[:3])
+    s._on_events(evs[1:] + evs[2:])           # overlapping batches
+    s._on_events(sorted(evs, key=lambda e: e["time"]))
+    assert [f.cause for f in s.rec.failures] == ["panic"]
+    assert s.rec.events_seen == len(evs)
+    out = s.out.getvalue().splitlines()       # --json echoes each event once
+    assert len([x for x in out if json.loads(x).get("kind") == "failure"]) == 1
