@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import os
+import re
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -530,16 +531,19 @@ class Daemon:
         for t in p.targets:
             if t not in self.fleets:
                 self.replica(t)
+        # subscribe first, then snapshot the history: no event falls between the two
+        sub = self.bus.open(p.targets or None) if p.follow else None
         recent = [e.to_dict() for e in self.bus.recent(p.tail, p.targets or None)]
         result = P.EventsResult(events=recent)
-        if not p.follow:
+        if sub is None:
             return result
-        bus = self.bus
 
         async def stream() -> AsyncIterator[tuple[str, dict[str, Any]]]:
-            async with bus.subscribe(p.targets or None) as sub:
-                async for ev in sub:
+            try:
+                async for ev in sub.recv:
                     yield "event", ev.to_dict()
+            finally:
+                sub.close()
 
         return Streaming(result, stream())
 
@@ -580,9 +584,12 @@ class Daemon:
         try:
             return [self.replica(name).failures_dir]
         except NotFoundError:
-            d = self.config.state_dir / "vms" / name / "failures"
-            if d.is_dir():
-                return [d]
+            # a removed replica or fleet: its bundles stay on disk
+            root = self.config.state_dir / "vms"
+            dirs = [d / "failures" for d in (root.iterdir() if root.is_dir() else [])
+                    if d.name == name or re.fullmatch(rf"{re.escape(name)}-\d+", d.name)]
+            if any(d.is_dir() for d in dirs):
+                return dirs
             raise
 
     async def h_failures(self, p: P.FailuresParams, peer: Peer) -> P.FailuresResult:
@@ -609,8 +616,9 @@ class Daemon:
 
     async def h_inject(self, p: P.InjectParams, peer: Peer) -> P.OkResult:
         r = self.replica(p.name)
-        await r.inject(p.fault, p.arg)
+        r._live_vm(f"inject {p.fault}")     # refuse before announcing
         self.bus.publish("inject", vm=r.name, fleet=r.fleet.name, fault=p.fault, arg=p.arg)
+        await r.inject(p.fault, p.arg)
         return P.OkResult()
 
     async def h_debug(self, p: P.DebugParams, peer: Peer) -> P.DebugResult:

@@ -73,19 +73,41 @@ class EventBus:
         out = [e for e in self.history if sel is None or e.vm in sel or e.fleet in sel]
         return out[-n:] if n else []
 
+    def open(self, names: Iterable[str] | None = None) -> "Subscription":
+        """Subscribe now (synchronously): nothing published after this call is missed.
+
+        Take a history snapshot *after* opening, so history + stream have no gap.
+        """
+        send, recv = anyio.create_memory_object_stream[Event](self.buffer)
+        self._subs.append((send, frozenset(names) if names else None, [0]))
+        return Subscription(self, send, recv)
+
+    def _drop(self, send: MemoryObjectSendStream[Event]) -> None:
+        self._subs = [s for s in self._subs if s[0] is not send]
+        send.close()
+
     @asynccontextmanager
     async def subscribe(self, names: Iterable[str] | None = None) -> AsyncIterator[Any]:
         """A bounded receive stream of events (optionally only about ``names``)."""
-        send, recv = anyio.create_memory_object_stream[Event](self.buffer)
-        entry = (send, frozenset(names) if names else None, [0])
-        self._subs.append(entry)
+        sub = self.open(names)
         try:
-            async with recv:
-                yield recv
+            async with sub.recv:
+                yield sub.recv
         finally:
-            self._subs = [s for s in self._subs if s[0] is not send]
-            send.close()
+            sub.close()
 
     @property
     def subscribers(self) -> int:
         return len(self._subs)
+
+
+class Subscription:
+    """An open subscription: iterate :attr:`recv`; :meth:`close` when done."""
+
+    def __init__(self, bus: EventBus, send: MemoryObjectSendStream[Event],
+                 recv: Any) -> None:
+        self.bus, self._send, self.recv = bus, send, recv
+
+    def close(self) -> None:
+        self.bus._drop(self._send)
+        self.recv.close()

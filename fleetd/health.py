@@ -115,6 +115,8 @@ class HealthMonitor:
         self.qmp_failures = 0
         self.last_qmp_ok: float | None = None
         self.created = now
+        self.replaying = False              # feeding a console log after re-adoption
+        self.hb_live = 0                    # heartbeats seen live (not replayed)
         self._wake = anyio.Event()
 
     # -- feeding -------------------------------------------------------------------------------
@@ -229,6 +231,8 @@ class HealthMonitor:
         self.last_hb = when
         self.hb_seq = hb.seq
         self.hb_count += 1
+        if not self.replaying:
+            self.hb_live += 1
         c = hb.counters
         if c:
             if len(self.counter_advanced) != len(c):
@@ -243,6 +247,22 @@ class HealthMonitor:
                     self.counter_rates = [max(0.0, (n - o) / dt) for o, n in zip(self._prev_hb[1], c)]
             self._prev_hb = (when, c)
             self.counters = c
+            self._check_stall(when)
+
+    def _check_stall(self, when: float) -> None:
+        """A vCPU is stalled when a heartbeat (so the guest and the others run) shows its
+        counter unchanged for ``stall_timeout``. Judged on heartbeats, not on a timer, so a
+        hung guest (no heartbeats at all) is a hang, never a stall of vCPU 0."""
+        if (self.failure is not None or self.suspended or self.ready_at is None
+                or self.paused_at is not None or self.replaying):
+            return
+        limit = self.policy.stall_timeout
+        for i, t in enumerate(self.counter_advanced):
+            if when - t > limit:
+                val = self.counters[i] if i < len(self.counters) else "?"
+                self.fail("stall", f"vCPU {i} counter stuck at {val} for {when - t:.1f}s "
+                          "while the others run", vcpu=i)
+                return
 
     def qmp_event(self, ev: QmpEvent) -> None:
         if ev.name == "WATCHDOG":
@@ -270,8 +290,7 @@ class HealthMonitor:
             out.append((self.running_since + p.boot_timeout, "boot"))
         if self.ready_at is not None and self.patterns.has_heartbeat:
             out.append(((self.last_hb or self.ready_at) + p.heartbeat_timeout, "heartbeat"))
-            if self.counter_advanced:
-                out.append((min(self.counter_advanced) + p.stall_timeout, "stall"))
+            # (a stall is judged when a heartbeat arrives: see _check_stall)
         if p.no_output_timeout is not None:
             out.append(((self.last_output or self.running_since) + p.no_output_timeout, "output"))
         return out
@@ -303,7 +322,7 @@ class HealthMonitor:
 
     async def _expire(self, name: str, vm: "Vm", now: float) -> None:
         p = self.policy
-        if name in ("heartbeat", "stall", "output") and vm.console is not None:
+        if name in ("heartbeat", "output") and vm.console is not None:
             vm.console.sweep()          # judge on the latest output, not the last sweep's
             now = time.monotonic()
             if name not in self.expired(now):
@@ -328,12 +347,6 @@ class HealthMonitor:
                           f"{p.heartbeat_timeout:g}s), last seq {self.hb_seq}")
             elif self.paused_at is None:
                 self.vm_paused()  # the STOP event is on its way; the pause deadline takes over
-        elif name == "stall":
-            i = min(range(len(self.counter_advanced)), key=lambda k: self.counter_advanced[k])
-            age = now - self.counter_advanced[i]
-            val = self.counters[i] if i < len(self.counters) else "?"
-            self.fail("stall", f"vCPU {i} counter stuck at {val} for {age:.1f}s while others run",
-                      vcpu=i)
 
     async def _status(self, vm: "Vm", timeout: float) -> dict[str, Any] | None:
         try:

@@ -132,6 +132,7 @@ class Replica:
         self.detaching = False
         self.adopt_rec: dict[str, Any] | None = None
         self._pending: dict[str, Any] | None = None
+        self._running_wall: float | None = None
         self.paused_by_us = False
         self.adopt_done = anyio.Event()
 
@@ -158,7 +159,8 @@ class Replica:
         self.rt.changed(self)
 
     def _set_state(self, new: ReplicaState, reason: str = "") -> None:
-        if new == self.state and reason == self.state_reason:
+        if new == self.state:
+            self.state_reason = reason or self.state_reason
             return
         old, self.state, self.state_reason = self.state, new, reason
         if new in (ReplicaState.STOPPED, ReplicaState.FAILED, ReplicaState.COMPLETED):
@@ -244,8 +246,13 @@ class Replica:
         f.pos = max(f.pos, size - REPLAY_TAIL)
         now = time.monotonic()
         monitor.running_since = now
-        for line in f.read_lines():
-            monitor.line(line, now)
+        monitor.replaying = True
+        try:
+            for line in f.read_lines():
+                monitor.line(line, now)
+        finally:
+            monitor.replaying = False
+        monitor.created = time.monotonic()
         if ready and monitor.ready_at is None:
             monitor._ready(online or self.spec.cpus, now)
         self.rt.bus.publish("replayed", vm=self.name, fleet=self.fleet.name,
@@ -273,6 +280,7 @@ class Replica:
             if self.want == Want.RUNNING and self.state == ReplicaState.BACKOFF:
                 await self._backoff()
             return
+        self._running_wall = rec.get("running_wall")
         outcome = await self._life(adopt=proc, replay=(int(rec.get("console_offset") or 0),
                                                        bool(rec.get("ready")), rec.get("online")))
         self._after(outcome)
@@ -292,6 +300,8 @@ class Replica:
         mon = self.monitor
         pending = self._pending if not live else None   # an adoption not concluded yet
         handles = {
+            "running_wall": (time.time() - (time.monotonic() - vm.timeline.running)
+                             if live and vm.timeline.running is not None else None),
             "pid": vm.proc.pid if live else None,
             "start_time": vm.proc.start_time if live else None,
             "console_offset": vm.console_start_offset if live else None,
@@ -447,6 +457,9 @@ class Replica:
             except FleetError as err:
                 self._adoption_over()
                 return Outcome("failure", Failure("start-failed", str(err)))
+            if adopt is not None and self._running_wall:
+                # uptime continues from the previous daemon's record
+                vm.timeline.running = time.monotonic() - max(0.0, time.time() - self._running_wall)
             self._adoption_over()
             if vm.state == VmState.RUNNING:
                 monitor.vm_running()
@@ -757,6 +770,6 @@ class Replica:
         out["vcpus"] = vcpus
         if mon is not None:
             out["heartbeats_total"] = mon.hb_count
-            up = out["uptime_s"]
-            out["heartbeat_rate"] = round(mon.hb_count / up, 2) if up else 0.0
+            live = time.monotonic() - mon.created
+            out["heartbeat_rate"] = round(mon.hb_live / live, 2) if live > 0 else 0.0
         return out

@@ -232,3 +232,31 @@ def test_stop_during_backoff_is_immediate(daemon: DaemonProc) -> None:
     assert row(daemon, "sb2-0").state == "stopped"
     daemon.call("restart", targets=["sb2-0"])
     daemon.wait_for(lambda: row(daemon, "sb2-0").state in ("running", "backoff"), 20, "restarted")
+
+
+def test_hang_is_a_hang_even_when_stall_timeout_is_shorter(daemon: DaemonProc) -> None:
+    start(daemon, "hs", health={"heartbeat_timeout": 2.0, "stall_timeout": 0.8})
+    daemon.call("inject", name="hs-0", fault="hang")
+    restarted_healthy(daemon, "hs-0")
+    fail = next(e for e in events(daemon, "hs-0") if e["kind"] == "failure")
+    assert fail["cause"] == "hang", fail
+
+
+def test_events_follow_misses_nothing_between_history_and_stream(daemon: DaemonProc) -> None:
+    c = daemon.client()
+    try:
+        first, stream = c.stream("events", follow=True, tail=1000)
+        daemon.call("start", name="ev", replicas=2, spec={"cpus": 1})
+        daemon.wait_healthy("ev", 2)
+        seen = list(first.events)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any(
+                e.get("kind") == "health" and e.get("vm") == "ev-1" and e.get("health") == "healthy"
+                for e in seen):
+            for kind, data in c.poll(timeout=0.5):
+                if kind == "event":
+                    seen.append(data)
+        started = {e["vm"] for e in seen if e.get("kind") == "started"}
+        assert started == {"ev-0", "ev-1"}
+    finally:
+        c.close()
