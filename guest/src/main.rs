@@ -226,7 +226,7 @@ pub extern "C" fn rust_bsp_main() -> ! {
         EXPECTED.store(exp.max(1) as u32, Relaxed);
     }
 
-    time::calibrate(c.workload == Workload::Idle);
+    time::calibrate();
     PERCPU[0].online.store(1, Release);
     Line::new()
         .str("fleet-guest: version=")

@@ -69,31 +69,42 @@ fn pit_round(latch: u16, lapic: bool) -> (u64, u64) {
     (t1.wrapping_sub(t0), l0.wrapping_sub(l1) as u64)
 }
 
-/// Calibrate the TSC (and, if asked, the LAPIC timer at divide-by-16) against the PIT:
-/// three ~3 ms rounds, median taken (robust against the vCPU being descheduled once).
-pub fn calibrate(lapic: bool) {
+/// Calibrate the TSC and the LAPIC timer (divide-by-16) against the PIT: three ~3 ms rounds,
+/// median taken. QEMU clocks its APIC bus at 1 GHz (TCG and KVM alike), so the LAPIC timer
+/// must come out near 62 500 ticks/ms: when it does not, the vCPU was descheduled inside the
+/// PIT window (a loaded host) and the TSC figure from that attempt is wrong too, so try again
+/// (up to 8 times, keeping the attempt closest to the expected rate).
+pub fn calibrate() {
     const LATCH: u16 = 3580; // ~3.0 ms
-    if lapic {
-        apic::timer_start_oneshot_max();
+    const LAPIC_EXPECTED: u64 = 62_500; // 1 GHz / 16 per ms
+    apic::timer_start_oneshot_max();
+    let mut best = (u64::MAX, 0u64, 0u64); // (distance from expected, tsc, lapic)
+    for _ in 0..8 {
+        let mut r = [(0u64, 0u64); 3];
+        for x in r.iter_mut() {
+            *x = pit_round(LATCH, true);
+        }
+        // sort by TSC delta, take the middle round
+        r.sort_unstable_by_key(|x| x.0);
+        let (tsc, lt) = r[1];
+        let l = lt * PIT_HZ / (LATCH as u64 * 1000);
+        let err = l.abs_diff(LAPIC_EXPECTED);
+        if err < best.0 {
+            best = (err, tsc, l);
+        }
+        if err * 100 <= LAPIC_EXPECTED * 10 {
+            break; // within 10%: an undisturbed attempt
+        }
     }
-    let mut r = [(0u64, 0u64); 3];
-    for x in r.iter_mut() {
-        *x = pit_round(LATCH, lapic);
-    }
-    // sort by TSC delta, take the middle round
-    r.sort_unstable_by_key(|x| x.0);
-    let (tsc, lt) = r[1];
+    let (_, tsc, mut l) = best;
     let mut per_ms = tsc * PIT_HZ / (LATCH as u64 * 1000);
     if per_ms < 1000 {
         per_ms = 1_000_000; // no usable PIT: assume 1 GHz rather than divide by zero
     }
     TSC_PER_MS.store(per_ms, Relaxed);
-    if lapic {
-        let mut l = lt * PIT_HZ / (LATCH as u64 * 1000);
-        if l == 0 {
-            l = 62_500; // QEMU's 1 GHz APIC bus / 16
-        }
-        LAPIC_PER_MS.store(l, Relaxed);
-        apic::timer_stop();
+    if l == 0 {
+        l = LAPIC_EXPECTED;
     }
+    LAPIC_PER_MS.store(l, Relaxed);
+    apic::timer_stop();
 }
