@@ -7,6 +7,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import anyio
@@ -107,3 +108,21 @@ def no_leaked_qemu(short_tmp: Path) -> Iterator[None]:
         except OSError:
             pass
     assert not leaked, f"QEMU processes leaked: {sorted(leaked)}"
+
+
+@pytest.fixture
+def daemon(short_tmp: Path, tmp_path: Path, no_leaked_qemu: None) -> Iterator[Any]:
+    """A running fleetd (TCG) for the test; stopped with its guests afterwards, and the test
+    fails if fleetd logged an internal error meanwhile."""
+    from tests.integration.daemon import DaemonProc
+    d = DaemonProc(short_tmp, tmp_path / "state")
+    d.start()
+    try:
+        yield d
+    finally:
+        rc = d.stop(stop_guests=True)
+        if rc not in (0, None):
+            print(d.log_tail(80))
+        assert rc == 0, f"fleetd exited with {rc}"
+        bugs = d.internal_errors()
+        assert not bugs, "fleetd logged internal errors:\n" + "\n".join(bugs)

@@ -94,20 +94,3 @@ def make_vm(short_tmp: Path, tmp_path: Path, accel: str) -> Callable[..., tuple[
 
 def elapsed_ms(t0: float) -> float:
     return (time.monotonic() - t0) * 1000
-
-
-@pytest.fixture
-def daemon(short_tmp: Path, tmp_path: Path, no_leaked_qemu: None):
-    """A running fleetd (TCG) for the test; stopped with its guests afterwards."""
-    from tests.integration.daemon import DaemonProc
-    d = DaemonProc(short_tmp, tmp_path / "state")
-    d.start()
-    try:
-        yield d
-    finally:
-        rc = d.stop(stop_guests=True)
-        if rc not in (0, None):
-            print(d.log_tail(80))
-        assert rc == 0, f"fleetd exited with {rc}"
-        bugs = d.internal_errors()
-        assert not bugs, "fleetd logged internal errors:\n" + "\n".join(bugs)

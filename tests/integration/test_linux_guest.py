@@ -14,7 +14,6 @@ start --config configs/linux-busybox.toml) belongs next to the daemon tests.
 from __future__ import annotations
 
 import http.client
-import os
 import shutil
 import socket
 import subprocess

@@ -16,8 +16,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,21 +43,6 @@ def rss(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-@pytest.fixture
-def fleetd(short_tmp: Path, tmp_path: Path) -> Iterator[DaemonProc]:
-    d = DaemonProc(short_tmp, tmp_path / "state")
-    d.start()
-    try:
-        yield d
-    finally:
-        rc = d.stop(stop_guests=True)
-        if rc not in (0, None):
-            print(d.log_tail(80))
-        assert rc == 0, f"fleetd exited with {rc}"
-        bugs = d.internal_errors()
-        assert not bugs, "fleetd logged internal errors:\n" + "\n".join(bugs)
-
-
 def start_healthy(d: DaemonProc, name: str, n: int, timeout: float = 90.0) -> list[Any]:
     """Start an n-replica idle fleet and wait until every replica is healthy."""
     res = d.call("start", name=name, replicas=n, spec=IDLE_1CPU)
@@ -77,8 +60,8 @@ def settle(d: DaemonProc, baseline: int, what: str) -> int:
 
 @pytest.mark.stress
 @pytest.mark.timeout(240)
-def test_start_stop_cycles_leave_nothing_behind(fleetd: DaemonProc) -> None:
-    d = fleetd
+def test_start_stop_cycles_leave_nothing_behind(daemon: DaemonProc) -> None:
+    d = daemon
     assert d.pid is not None
     run_vm = d.run_dir / "vm"
     state_fleets = d.state_dir / "fleets"
@@ -139,8 +122,8 @@ def test_start_stop_cycles_leave_nothing_behind(fleetd: DaemonProc) -> None:
 
 @pytest.mark.stress
 @pytest.mark.timeout(180)
-def test_200_concurrent_clients(fleetd: DaemonProc) -> None:
-    d = fleetd
+def test_200_concurrent_clients(daemon: DaemonProc) -> None:
+    d = daemon
     assert d.pid is not None
     n_guests, n_clients, rounds = 4, 200, 3
     start_healthy(d, "api", n_guests)
