@@ -32,6 +32,7 @@ from rich.live import Live
 from fleetctl import render
 from fleetctl.client import ApiError, Client, DaemonUnreachable, InvalidRequest
 from fleetd.errors import FleetError, SpecError
+from fleetd.placement import PinMode
 from fleetd.policy import FleetPolicy
 from fleetd.protocol import (
     DebugResult,
@@ -194,12 +195,6 @@ class Accel(StrEnum):
     auto = "auto"
     kvm = "kvm"
     tcg = "tcg"
-
-
-class Pin(StrEnum):
-    exclusive = "exclusive"
-    shared = "shared"
-    none = "none"
 
 
 class Restart(StrEnum):
@@ -499,7 +494,7 @@ def start(ctx: typer.Context,
           machine: Annotated[Machine | None, typer.Option()] = None,
           accel: Annotated[Accel | None, typer.Option()] = None,
           cpu_model: Annotated[str | None, typer.Option("--cpu-model")] = None,
-          pin: Annotated[Pin | None, typer.Option(help="vCPU pinning.")] = None,
+          pin: Annotated[PinMode | None, typer.Option(help="vCPU pinning.")] = None,
           restart: Annotated[Restart | None, typer.Option(help="Restart policy.")] = None,
           config: Annotated[Path | None, typer.Option("--config", "-f", help="TOML fleet file.")] = None,
           debug: Annotated[bool, typer.Option(help="Start guests with a gdb stub.")] = False,
@@ -807,7 +802,7 @@ def daemon_stop(ctx: typer.Context,
 def plan(ctx: typer.Context,
          replicas: Annotated[int, typer.Option("--replicas", "-r")] = 1,
          cpus: Annotated[int, typer.Option("--cpus", "-c")] = 1,
-         pin: Annotated[Pin, typer.Option()] = Pin.shared,
+         pin: Annotated[PinMode, typer.Option()] = PinMode.SHARED,
          name: Annotated[str, typer.Option("--name", "-n")] = "plan",
          topology: Annotated[str | None, typer.Option(
              "--topology", help="Preview on a synthetic host: PACKAGESxCORESxTHREADS[nNODES], "
