@@ -95,6 +95,23 @@ def shut_down(d: DaemonProc) -> None:
 @pytest.mark.stress
 @pytest.mark.slow
 @pytest.mark.timeout(240)
+def assert_nothing_left(d: DaemonProc, state_file: Path, pid: int, fds0: int, rss0: int,
+                        summary: dict[str, Any]) -> None:
+    """After a soak: no state entry, no QEMU, fleetd's fds and RSS back near where they were
+    (and bounded within each daemon's life during the soak)."""
+    deadline = time.monotonic() + 10
+    while (state_file.exists() or d.guests()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not state_file.exists(), "rm leaves no state entry"
+    assert not d.guests(), "no QEMU left"
+    fds1, rss1 = settle_resources(pid)
+    assert fds1 <= fds0 + 4, f"fleetd fds {fds0} before, {fds1} after"
+    assert rss1 - rss0 < 30 * 1024, f"fleetd RSS {rss0} KiB before, {rss1} KiB after"
+    for p, res in summary["daemon"].items():
+        if res["samples"] >= 2:
+            assert res["rss_mib"]["last"] - res["rss_mib"]["first"] < 30, (p, res)
+
+
 def test_chaos_mini_soak_every_kind(short_tmp: Path, tmp_path: Path) -> None:
     d = DaemonProc(short_tmp, tmp_path / "state").start()
     report = tmp_path / "report"
@@ -156,22 +173,8 @@ def test_chaos_mini_soak_every_kind(short_tmp: Path, tmp_path: Path) -> None:
         assert fleetd_pids(d.socket) == {info.pid}, "exactly one fleetd serves the socket"
         assert (Path(info.state_dir) / "fleetd.log").is_file()
         assert [r.name for r in call(d.socket, "ps").replicas if r.fleet == "mini"] == []
-        state_file = tmp_path / "state" / "fleets" / "mini.json"
-        deadline = time.monotonic() + 10
-        while state_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not state_file.exists(), "rm leaves no state entry"
-        deadline = time.monotonic() + 10
-        while d.guests() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not d.guests(), "no QEMU left"
-        fds1, rss1 = settle_resources(info.pid)
-        assert fds1 <= fds0 + 4, f"fleetd fds {fds0} before, {fds1} after"
-        assert rss1 - rss0 < 30 * 1024, f"fleetd RSS {rss0} KiB before, {rss1} KiB after"
-        # and within each daemon's life during the soak
-        for pid, res in summary["daemon"].items():
-            if res["samples"] >= 2:
-                assert res["rss_mib"]["last"] - res["rss_mib"]["first"] < 30, (pid, res)
+        assert_nothing_left(d, tmp_path / "state" / "fleets" / "mini.json", info.pid,
+                            fds0, rss0, summary)
     finally:
         shut_down(d)
     assert not fleetd_pids(d.socket), "no fleetd left"

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
@@ -20,7 +19,8 @@ import pytest
 from fleetctl.report import ALL_KINDS
 from fleetctl.soak import parse_duration, plan_chaos
 from tests.integration.daemon import DaemonProc
-from tests.integration.test_soak import call, fleetd_pids, settle_resources, shut_down
+from tests.integration.test_soak import (assert_nothing_left, call, fleetd_pids,
+                                         settle_resources, shut_down)
 
 ROOT = Path(__file__).resolve().parents[2]
 DURATION = parse_duration(os.environ.get("FLEETD_SOAK_DURATION", "10m"))
@@ -76,17 +76,8 @@ def test_long_soak_every_kind(short_tmp: Path, tmp_path: Path) -> None:
             assert info.pid != pid0
         assert fleetd_pids(d.socket) == {info.pid}
         assert [r.name for r in call(d.socket, "ps").replicas if r.fleet == "long"] == []
-        state_file = tmp_path / "state" / "fleets" / "long.json"
-        deadline = time.monotonic() + 10
-        while (state_file.exists() or d.guests()) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not state_file.exists() and not d.guests()
-        fds1, rss1 = settle_resources(info.pid)
-        assert fds1 <= fds0 + 4, f"fleetd fds {fds0} before, {fds1} after"
-        assert rss1 - rss0 < 30 * 1024, f"fleetd RSS {rss0} KiB before, {rss1} KiB after"
-        for pid, res in summary["daemon"].items():
-            if res["samples"] >= 2:
-                assert res["rss_mib"]["last"] - res["rss_mib"]["first"] < 30, (pid, res)
+        assert_nothing_left(d, tmp_path / "state" / "fleets" / "long.json", info.pid,
+                            fds0, rss0, summary)
     finally:
         shut_down(d)
     assert not fleetd_pids(d.socket), "no fleetd left"
