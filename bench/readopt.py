@@ -116,13 +116,18 @@ def measure(size: int, runs: int, accel: str, batch: int, probes: int = 3) -> di
         if not d.alive():
             d.start()
     finally:
-        try:
-            d.stop(stop_guests=True, timeout=300)
-        finally:
-            kill_guests(d)
-            listener.close()
-            shutil.rmtree(run, ignore_errors=True)
+        teardown(d, listener, run)
     return res
+
+
+def teardown(d: Any, listener: NotifyListener, run: Path) -> None:
+    """Stop the daemon and its guests (killing any left), close the listener, remove the dir."""
+    try:
+        d.stop(stop_guests=True, timeout=300)
+    finally:
+        kill_guests(d)
+        listener.close()
+        shutil.rmtree(run, ignore_errors=True)
 
 
 def aged(mib: int, accel: str, n: int = 8, batch: int = 32) -> dict[str, Any]:
@@ -148,12 +153,7 @@ def aged(mib: int, accel: str, n: int = 8, batch: int = 32) -> dict[str, Any]:
         out["adopted"] = sum(1 for r in d.call("ps", targets=["r"]).replicas if r.pid)
         out["readopt_s"] = d.call("info").readopt_s
     finally:
-        try:
-            d.stop(stop_guests=True, timeout=300)
-        finally:
-            kill_guests(d)
-            listener.close()
-            shutil.rmtree(run, ignore_errors=True)
+        teardown(d, listener, run)
     return out
 
 
